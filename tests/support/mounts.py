@@ -1,0 +1,452 @@
+"""Mount helpers every test uses: mount, always unmount, never leave a daemon behind.
+
+- :func:`unionfs_mounted` mounts ``python -m unionfs mount ... LAYER... MOUNTPOINT`` (layers base
+  first) and yields the mountpoint; on exit it unmounts and fails the test if the daemon's log holds
+  a ``Traceback``.
+- :func:`fuse_overlayfs_mounted` does the same with ``fuse-overlayfs`` (a reference and a stand-in).
+- :func:`overlay_mounted` mounts kernel overlayfs (needs root), the differential tests' oracle.
+
+Teardown of a FUSE mount, in order until the mountpoint is gone: ``fusermount3 -u`` (retried: a
+busy mount frees up once the last file closes), ``fusermount3 -uz`` (lazy), then ``umount -l`` as
+root; the daemon is then waited for and killed (SIGTERM, then SIGKILL) if it still runs. The daemon
+is found by the ``pid=N`` first line of its log, else by scanning ``/proc/*/cmdline`` for the
+mountpoint. Whether a path is mounted is read from ``/proc/self/mountinfo`` (``os.path.ismount``
+says False for a FUSE mount whose daemon died: its ``stat`` fails with ``ENOTCONN``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MOUNT_TIMEOUT = 30.0
+"""Seconds a mount command may take before the test fails."""
+
+DAEMON_EXIT_TIMEOUT = 10.0
+"""Seconds to wait for a daemon to exit after its mount is gone, before SIGTERM."""
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    out: list[str] = []
+    index = 0
+    while index < len(field):
+        if field[index] == "\\" and field[index + 1 : index + 4].isdigit():
+            out.append(chr(int(field[index + 1 : index + 4], 8)))
+            index += 4
+        else:
+            out.append(field[index])
+            index += 1
+    return "".join(out)
+
+
+def mount_table() -> list[MountEntry]:
+    """The mounts this process sees, in mount order."""
+    entries = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            before, _, after = line.partition(" - ")
+            fields = before.split()
+            fstype, source, super_options = after.split(maxsplit=2)
+            entries.append(
+                MountEntry(
+                    mountpoint=_unescape(fields[4]),
+                    fstype=fstype,
+                    source=_unescape(source),
+                    options=fields[5] + "," + super_options.strip(),
+                )
+            )
+    return entries
+
+
+def mount_entry(path: Path | str) -> MountEntry | None:
+    """The topmost mount whose mountpoint is exactly ``path`` (resolved), or None."""
+    wanted = os.path.realpath(path)
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == wanted:
+            found = entry
+    return found
+
+
+def is_mounted(path: Path | str) -> bool:
+    """True if something is mounted on ``path`` (even a FUSE mount whose daemon died)."""
+    return mount_entry(path) is not None
+
+
+def mounts_under(root: Path | str) -> list[MountEntry]:
+    """Every mount at or below ``root``."""
+    prefix = os.path.realpath(root).rstrip("/") + "/"
+    return [
+        entry
+        for entry in mount_table()
+        if entry.mountpoint == prefix.rstrip("/") or entry.mountpoint.startswith(prefix)
+    ]
+
+
+# ---------------------------------------------------------------------------- daemons
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [os.fsdecode(arg) for arg in raw.split(b"\0") if arg]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # A zombie has exited; only its parent's wait() is missing.
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def pid_from_log(log: Path | None) -> int | None:
+    """The daemon's pid if the first line of its log is ``pid=N``."""
+    if log is None:
+        return None
+    try:
+        with open(log, encoding="utf-8", errors="replace") as file:
+            first = file.readline().strip()
+    except OSError:
+        return None
+    if first.startswith("pid=") and first[4:].isdigit():
+        return int(first[4:])
+    return None
+
+
+def daemon_pids(mountpoint: Path | str, marker: str) -> list[int]:
+    """Processes whose argv names ``mountpoint`` and contains ``marker`` (e.g. "unionfs")."""
+    names = {str(mountpoint), os.path.realpath(mountpoint)}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        argv = _cmdline(int(entry))
+        if not argv or not names.intersection(argv):
+            continue
+        if any(marker in arg for arg in argv):
+            found.append(int(entry))
+    return found
+
+
+def _stop_daemons(pids: Sequence[int]) -> list[int]:
+    """Wait for the daemons to exit, then SIGTERM, then SIGKILL. Returns the pids killed."""
+    killed: list[int] = []
+    deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            for pid in pids:
+                if _alive(pid):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
+                        killed.append(pid)
+            deadline = time.monotonic() + 5.0
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not any(_alive(pid) for pid in pids):
+            break
+    return killed
+
+
+def _run_quiet(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=MOUNT_TIMEOUT,
+        check=False,
+    )
+
+
+def unmount_fuse(mountpoint: Path | str, *, pids: Sequence[int] = ()) -> list[str]:
+    """Unmount a FUSE mount by every means, then make sure its daemons are gone.
+
+    Returns notes of what it had to force (empty when ``fusermount3 -u`` sufficed and every daemon
+    exited by itself); raises AssertionError only if the mount cannot be removed at all.
+    """
+    notes: list[str] = []
+    for attempt in range(5):
+        if not is_mounted(mountpoint):
+            break
+        result = _run_quiet(["fusermount3", "-u", str(mountpoint)])
+        if result.returncode == 0:
+            break
+        if attempt == 4:
+            notes.append(f"fusermount3 -u failed: {result.stderr.strip()}")
+        time.sleep(0.1 * (attempt + 1))
+    if is_mounted(mountpoint):
+        result = _run_quiet(["fusermount3", "-uz", str(mountpoint)])
+        notes.append(f"needed fusermount3 -uz (rc {result.returncode})")
+    if is_mounted(mountpoint) and os.geteuid() == 0:
+        result = _run_quiet(["umount", "-l", str(mountpoint)])
+        notes.append(f"needed umount -l (rc {result.returncode})")
+    killed = _stop_daemons(pids)
+    if killed:
+        notes.append(f"daemon did not exit after unmount; killed pids {killed}")
+    if is_mounted(mountpoint):
+        raise AssertionError(f"could not unmount {mountpoint}: {'; '.join(notes)}")
+    return notes
+
+
+# ---------------------------------------------------------------------------- FUSE mounts
+
+
+def _log_text(log: Path) -> str:
+    try:
+        return log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def fuse_mounted(
+    argv: Sequence[str],
+    mountpoint: Path,
+    *,
+    marker: str,
+    log: Path | None = None,
+    check_log: bool = True,
+) -> Iterator[Path]:
+    """Run a FUSE mount command that returns once the mount is live; always clean up.
+
+    ``marker`` is a string in the daemon's argv (used to find it if its log has no ``pid=N``).
+    With ``check_log``, a ``Traceback`` in ``log`` fails the test at teardown.
+    """
+    mountpoint = Path(mountpoint)
+    try:
+        result = _run_quiet(argv)
+    except subprocess.TimeoutExpired as error:
+        pids = [p for p in [pid_from_log(log)] if p] or daemon_pids(mountpoint, marker)
+        notes = unmount_fuse(mountpoint, pids=pids)
+        raise AssertionError(
+            f"mount command did not return within {MOUNT_TIMEOUT:.0f} s: {list(argv)}\n"
+            f"stderr: {error.stderr!r}\ncleanup: {notes}"
+            + (f"\nlog tail:\n{_tail(_log_text(log))}" if log else "")
+        ) from None
+    if result.returncode != 0 or not is_mounted(mountpoint):
+        pids = [p for p in [pid_from_log(log)] if p] or daemon_pids(mountpoint, marker)
+        notes = unmount_fuse(mountpoint, pids=pids)
+        problem = (
+            f"exit code {result.returncode}"
+            if result.returncode != 0
+            else "exit 0 but the mountpoint is not a mount"
+        )
+        raise AssertionError(
+            f"mount failed ({problem}): {list(argv)}\nstderr: {result.stderr.strip()}\n"
+            f"cleanup: {notes}" + (f"\nlog tail:\n{_tail(_log_text(log))}" if log else "")
+        )
+    # Find the daemon now, while its argv is certain to be there.
+    pids = [p for p in [pid_from_log(log)] if p] or daemon_pids(mountpoint, marker)
+    failed = True
+    try:
+        yield mountpoint
+        failed = False
+    except BaseException as error:
+        text = _log_text(log) if log else ""
+        if "Traceback" in text:
+            error.add_note(f"the daemon logged a traceback ({log}):\n{_tail(text)}")
+        raise
+    finally:
+        notes = unmount_fuse(mountpoint, pids=pids)
+        if not failed and check_log and log is not None:
+            text = _log_text(log)
+            if "Traceback" in text:
+                raise AssertionError(f"the daemon logged a traceback ({log}):\n{_tail(text, 80)}")
+        if not failed and any("killed" in note for note in notes):
+            raise AssertionError(f"unmount of {mountpoint} needed force: {'; '.join(notes)}")
+
+
+def unionfs_command(
+    layers: Sequence[Path],
+    mountpoint: Path,
+    *,
+    upper: Path | None = None,
+    workdir: Path | None = None,
+    options: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    log: Path | None = None,
+) -> list[str]:
+    """The argv of ``python -m unionfs mount`` for these arguments (layers base first)."""
+    argv = [sys.executable, "-m", "unionfs", "mount"]
+    if log is not None:
+        argv += ["--log", str(log)]
+    if upper is not None:
+        argv += ["--upper", str(upper)]
+    if workdir is not None:
+        argv += ["--workdir", str(workdir)]
+    if options:
+        argv += ["-o", ",".join(options)]
+    argv += [*extra_args, *(str(layer) for layer in layers), str(mountpoint)]
+    return argv
+
+
+def default_log(mountpoint: Path) -> Path:
+    """Where a mount's log goes when the test gives none: a sibling file of the mountpoint."""
+    return mountpoint.with_name(mountpoint.name + ".unionfs.log")
+
+
+@contextlib.contextmanager
+def unionfs_mounted(
+    layers: Sequence[Path],
+    mountpoint: Path,
+    *,
+    upper: Path | None = None,
+    workdir: Path | None = None,
+    options: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    log: Path | None = None,
+) -> Iterator[Path]:
+    """Mount unionfs over ``layers`` (base first) on ``mountpoint``; unmount on exit.
+
+    Fails (AssertionError) if the mount command does not exit 0 within 30 s with the mount live,
+    if the daemon has to be killed after unmounting, or if its log contains a ``Traceback``.
+    """
+    mountpoint = Path(mountpoint)
+    log = default_log(mountpoint) if log is None else Path(log)
+    argv = unionfs_command(
+        layers,
+        mountpoint,
+        upper=upper,
+        workdir=workdir,
+        options=options,
+        extra_args=extra_args,
+        log=log,
+    )
+    with fuse_mounted(argv, mountpoint, marker="unionfs", log=log) as mounted:
+        yield mounted
+
+
+@contextlib.contextmanager
+def fuse_overlayfs_mounted(
+    lowers_base_first: Sequence[Path],
+    mountpoint: Path,
+    *,
+    upper: Path | None = None,
+    workdir: Path | None = None,
+    options: Sequence[str] = (),
+) -> Iterator[Path]:
+    """Mount fuse-overlayfs (the reference FUSE implementation); unmount on exit."""
+    program = shutil.which("fuse-overlayfs")
+    if program is None:
+        raise AssertionError("fuse-overlayfs is not installed (run scripts/setup --test)")
+    option_list = ["lowerdir=" + ":".join(str(p) for p in reversed(lowers_base_first))]
+    if upper is not None:
+        if workdir is None:
+            raise ValueError("fuse-overlayfs needs a workdir with an upper")
+        option_list += [f"upperdir={upper}", f"workdir={workdir}"]
+    option_list += options
+    argv = [program, "-o", ",".join(option_list), str(mountpoint)]
+    with fuse_mounted(argv, Path(mountpoint), marker="fuse-overlayfs") as mounted:
+        yield mounted
+
+
+# ---------------------------------------------------------------------------- kernel overlayfs
+
+
+def _check_overlay_path(path: Path) -> str:
+    text = os.path.realpath(path)
+    if any(char in text for char in ":,\\\n"):
+        raise ValueError(f"overlayfs option paths cannot contain ':', ',' or '\\': {text!r}")
+    return text
+
+
+@contextlib.contextmanager
+def overlay_mounted(
+    lowers_base_first: Sequence[Path],
+    mountpoint: Path,
+    *,
+    upper: Path | None = None,
+    workdir: Path | None = None,
+    options: Sequence[str] = ("redirect_dir=on", "index=on"),
+) -> Iterator[Path]:
+    """Mount kernel overlayfs (root only); read-only when ``upper`` is None. Unmount on exit.
+
+    Layers are given base first, as everywhere in the tests; the kernel's ``lowerdir`` lists them
+    top first. Without an upper, the kernel wants two lowers: a single lower gets an empty one
+    below it. ``index=on`` is dropped without an upper (the kernel ignores it there, noisily).
+    """
+    if not lowers_base_first:
+        raise ValueError("overlay_mounted needs at least one lower layer")
+    mountpoint = Path(mountpoint)
+    with contextlib.ExitStack() as stack:
+        lowers = [Path(p) for p in lowers_base_first]
+        option_list = [option for option in options if upper is not None or option != "index=on"]
+        if upper is None and len(lowers) == 1:
+            empty = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=".empty-lower-", dir=mountpoint.parent)
+            )
+            lowers.insert(0, Path(empty))
+        mount_options = ["lowerdir=" + ":".join(_check_overlay_path(p) for p in reversed(lowers))]
+        if upper is not None:
+            if workdir is None:
+                raise ValueError("kernel overlayfs needs a workdir with an upper")
+            mount_options += [
+                f"upperdir={_check_overlay_path(upper)}",
+                f"workdir={_check_overlay_path(workdir)}",
+            ]
+        mount_options += option_list
+        argv = ["mount", "-t", "overlay", "overlay", "-o", ",".join(mount_options), str(mountpoint)]
+        result = _run_quiet(argv)
+        if result.returncode != 0:
+            raise AssertionError(
+                f"kernel overlayfs mount failed (rc {result.returncode}): {argv}\n"
+                f"{result.stderr.strip()}"
+            )
+        try:
+            yield mountpoint
+        finally:
+            if _run_quiet(["umount", str(mountpoint)]).returncode != 0:
+                _run_quiet(["umount", "-l", str(mountpoint)])
+            if is_mounted(mountpoint):
+                raise AssertionError(f"could not unmount kernel overlayfs on {mountpoint}")
+
+
+def overlay_available(scratch: Path) -> str | None:
+    """None if kernel overlayfs can be mounted here (probed in ``scratch``), else the reason."""
+    if os.geteuid() != 0:
+        return "kernel overlayfs needs root"
+    if shutil.which("mount") is None:
+        return "mount(8) not found"
+    scratch.mkdir(parents=True, exist_ok=True)
+    lower = scratch / "lower"
+    upper = scratch / "upper"
+    work = scratch / "work"
+    merged = scratch / "merged"
+    for path in (lower, upper, work, merged):
+        path.mkdir(exist_ok=True)
+    (lower / "probe").write_text("probe\n")
+    try:
+        with overlay_mounted([lower], merged, upper=upper, workdir=work):
+            if (merged / "probe").read_text() != "probe\n":
+                return "kernel overlayfs mounted but did not show the lower layer"
+    except AssertionError as error:
+        return f"kernel overlayfs does not mount here: {str(error).splitlines()[-1]}"
+    return None
