@@ -1,0 +1,70 @@
+"""Timed actions run in a child process: ``python -m benchmarks.actions ACTION ARG...``.
+
+Each prints the seconds its own work took as the last line of stdout, so interpreter start-up is
+not part of the measurement and a hung filesystem hangs only the child (the runner kills it at
+its timeout). Keep imports to the standard library: this runs once per sample.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def stat_all(root: str, path_list: str) -> float:
+    """lstat every path of PATH_LIST (relative to ROOT)."""
+    with open(path_list) as handle:
+        paths = [os.path.join(root, line.rstrip("\n")) for line in handle if line.strip()]
+    started = time.perf_counter()
+    for path in paths:
+        os.lstat(path)
+    return time.perf_counter() - started
+
+
+def walk(root: str) -> float:
+    """Walk the whole tree, lstat every entry (what a container runtime's scan does)."""
+    started = time.perf_counter()
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs + files:
+            os.lstat(os.path.join(directory, name))
+    return time.perf_counter() - started
+
+
+def read_file(path: str) -> float:
+    """Read PATH sequentially in 1 MiB requests."""
+    buffer = bytearray(1 << 20)
+    started = time.perf_counter()
+    with open(path, "rb", buffering=0) as handle:
+        while handle.readinto(buffer):
+            pass
+    return time.perf_counter() - started
+
+
+def append_byte(path: str) -> float:
+    """Append one byte to PATH and close it (a lower file: this is the copy-up)."""
+    started = time.perf_counter()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(descriptor, b"x")
+    finally:
+        os.close(descriptor)
+    return time.perf_counter() - started
+
+
+ACTIONS = {"stat-all": stat_all, "walk": walk, "read": read_file, "append-byte": append_byte}
+
+
+def main(arguments: list[str]) -> int:
+    if not arguments or arguments[0] not in ACTIONS:
+        print(
+            f"usage: python -m benchmarks.actions {{{','.join(ACTIONS)}}} ARG...", file=sys.stderr
+        )
+        return 2
+    elapsed = ACTIONS[arguments[0]](*arguments[1:])  # type: ignore[operator]
+    print(f"{elapsed:.9f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

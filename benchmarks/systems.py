@@ -1,0 +1,450 @@
+"""The systems under test: how each is mounted, how its daemon is found, how it is unmounted.
+
+Every system answers ``mount(stack, upper, work, mountpoint, writable)`` with a ``Mounted``
+whose ``root`` is where a workload runs and whose ``pid`` is the FUSE daemon's (None for the
+kernel and native systems). ``Mounted.unmount`` never raises and always leaves nothing
+mounted at the mountpoint (``umount``/``fusermount3 -u``, then lazy, then the daemon is killed
+and its FUSE connection aborted).
+
+A system whose tool is missing is unavailable (reported n/a); a mount that fails raises
+``MountError`` and that sample is recorded as failed, never a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.dataset import Stack
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class MountError(Exception):
+    """A system could not mount (the message says why)."""
+
+
+def unionfs_python() -> str:
+    """The interpreter for ``python -m unionfs``: the repo's venv once scripts/setup made it."""
+    for candidate in (REPO / ".venv" / "bin" / "python", Path("/work/venv-probe/bin/python")):
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
+
+
+def mount_entry(mountpoint: Path) -> tuple[str, str] | None:
+    """(fstype, "major:minor") of what is mounted exactly at MOUNTPOINT, from mountinfo."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if fields[4] != target:
+                continue
+            separator = fields.index("-")
+            found = (fields[separator + 1], fields[2])
+    return found
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    return mount_entry(mountpoint) is not None
+
+
+def abort_fuse(mountpoint: Path) -> None:
+    """Abort the FUSE connection behind MOUNTPOINT so nothing blocked on it can hang us."""
+    entry = mount_entry(mountpoint)
+    if entry is None or not entry[0].startswith("fuse"):
+        return
+    minor = entry[1].split(":")[1]
+    abort = Path("/sys/fs/fuse/connections") / minor / "abort"
+    with contextlib.suppress(OSError):
+        abort.write_text("1")
+
+
+def find_daemon(mountpoint: Path) -> int | None:
+    """PID of the process whose command line names MOUNTPOINT (the FUSE daemon)."""
+    wanted = os.fsencode(os.path.realpath(mountpoint))
+    own = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == own:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                arguments = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if wanted in arguments:
+            return int(entry)
+    return None
+
+
+def _run(
+    command: list[str], timeout: float, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise MountError(f"{command[0]} timed out after {timeout:.0f} s") from error
+    except OSError as error:
+        raise MountError(f"{command[0]}: {error}") from error
+
+
+def _wait_mounted(mountpoint: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_mounted(mountpoint):
+            return
+        time.sleep(0.01)
+    raise MountError(f"{mountpoint} not mounted after {timeout:.0f} s")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Mounted:
+    """One live mount (or, for native, a plain directory)."""
+
+    system: str
+    root: Path
+    mountpoint: Path | None
+    kind: str
+    pid: int | None = None
+    log: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def unmount(self) -> None:
+        """Unmount; never raises. Afterwards nothing is mounted at the mountpoint."""
+        if self.mountpoint is None:
+            return
+        mountpoint = self.mountpoint
+        if self.kind == "kernel":
+            attempts = [["umount", str(mountpoint)], ["umount", "-l", str(mountpoint)]]
+        else:
+            attempts = [
+                ["fusermount3", "-u", str(mountpoint)],
+                ["fusermount3", "-uz", str(mountpoint)],
+                ["umount", "-l", str(mountpoint)],
+            ]
+        for command in attempts:
+            if not is_mounted(mountpoint):
+                break
+            try:
+                subprocess.run(command, capture_output=True, timeout=30, check=False)
+            except (subprocess.TimeoutExpired, OSError):
+                abort_fuse(mountpoint)
+        if is_mounted(mountpoint):
+            abort_fuse(mountpoint)
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+        if self.pid is not None:
+            # Let the daemon finish its exit so it does not eat CPU in the next sample.
+            deadline = time.monotonic() + 10
+            while _pid_alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if _pid_alive(self.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
+
+
+class System:
+    """Base class: a named system, available or not, that mounts stacks."""
+
+    name = ""
+    kind = "fuse"
+    description = ""
+
+    def availability(self) -> str | None:
+        """None when usable, else the reason it is not (reported as n/a)."""
+        return None
+
+    def version(self) -> str:
+        return ""
+
+    def mount(
+        self,
+        stack: Stack,
+        upper: Path,
+        work: Path,
+        mountpoint: Path,
+        writable: bool,
+        timeout: float,
+    ) -> Mounted:
+        raise NotImplementedError
+
+
+class Native(System):
+    """The merged tree as one plain directory (copied to the upper's filesystem when written)."""
+
+    name = "native"
+    kind = "native"
+    description = "a plain directory holding the merged tree"
+
+    def mount(
+        self,
+        stack: Stack,
+        upper: Path,
+        work: Path,
+        mountpoint: Path,
+        writable: bool,
+        timeout: float,
+    ) -> Mounted:
+        if not writable:
+            return Mounted(self.name, stack.merged, None, self.kind)
+        # The cached merged tree hard-links the layers: writes go to a private copy.
+        result = _run(["cp", "-a", f"{stack.merged}/.", f"{upper}/"], timeout)
+        if result.returncode != 0:
+            raise MountError(f"cp -a: {result.stderr.strip()}")
+        return Mounted(self.name, upper, None, self.kind)
+
+
+class KernelOverlay(System):
+    """Kernel overlayfs as Docker's overlay2 driver mounts it (index=off, kernel defaults)."""
+
+    name = "overlay"
+    kind = "kernel"
+    description = "kernel overlayfs, overlay2 options: lowerdir,upperdir,workdir,index=off"
+    extra_options: tuple[str, ...] = ("index=off",)
+
+    def availability(self) -> str | None:
+        if os.geteuid() != 0:
+            return "needs root"
+        with open("/proc/filesystems") as filesystems:
+            if "overlay" not in filesystems.read():
+                subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
+        with open("/proc/filesystems") as filesystems:
+            if "overlay" not in filesystems.read():
+                return "kernel has no overlay filesystem"
+        return None
+
+    def version(self) -> str:
+        parameters = Path("/sys/module/overlay/parameters")
+        settings = []
+        for name in ("redirect_dir", "metacopy", "index", "xino_auto"):
+            with contextlib.suppress(OSError):
+                settings.append(f"{name}={(parameters / name).read_text().strip()}")
+        return f"kernel {os.uname().release} ({', '.join(settings)})"
+
+    def mount(
+        self,
+        stack: Stack,
+        upper: Path,
+        work: Path,
+        mountpoint: Path,
+        writable: bool,
+        timeout: float,
+    ) -> Mounted:
+        # Lower layers relative to their parent directory (as overlay2 does with its l/ links):
+        # 100 absolute layer paths would not fit in one page of mount options.
+        lower = ":".join(os.path.relpath(layer, stack.parent) for layer in reversed(stack.layers))
+        options = ",".join(
+            (*self.extra_options, f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}")
+        )
+        result = _run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(mountpoint)],
+            timeout,
+            cwd=stack.parent,
+        )
+        if result.returncode != 0:
+            raise MountError(f"mount -t overlay: {result.stderr.strip()}")
+        return Mounted(self.name, mountpoint, mountpoint, self.kind)
+
+
+class RootlessOverlay(KernelOverlay):
+    """Kernel overlayfs as rootless podman mounts it: userxattr, so no redirect_dir, no metacopy."""
+
+    name = "overlay-rootless"
+    description = "kernel overlayfs, rootless options: userxattr (no redirect_dir, no metacopy)"
+    extra_options = ("userxattr",)
+
+
+class FuseOverlayfs(System):
+    name = "fuse-overlayfs"
+    description = "fuse-overlayfs (Debian package)"
+
+    def availability(self) -> str | None:
+        if shutil.which("fuse-overlayfs") is None:
+            return "fuse-overlayfs not installed"
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            return "/dev/fuse not usable"
+        return None
+
+    def version(self) -> str:
+        try:
+            output = subprocess.run(
+                ["fuse-overlayfs", "--version"], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        for line in (output.stdout + output.stderr).splitlines():
+            if "fuse-overlayfs" in line:
+                return line.strip()
+        return ""
+
+    def mount(
+        self,
+        stack: Stack,
+        upper: Path,
+        work: Path,
+        mountpoint: Path,
+        writable: bool,
+        timeout: float,
+    ) -> Mounted:
+        lower = ":".join(str(layer) for layer in reversed(stack.layers))
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+        result = _run(["fuse-overlayfs", "-o", options, str(mountpoint)], timeout)
+        if result.returncode != 0:
+            raise MountError(f"fuse-overlayfs: {result.stderr.strip()[-300:]}")
+        _wait_mounted(mountpoint, timeout)
+        return Mounted(self.name, mountpoint, mountpoint, self.kind, pid=find_daemon(mountpoint))
+
+
+class UnionfsFuse(System):
+    name = "unionfs-fuse"
+    description = "unionfs-fuse -o cow (Debian package)"
+
+    def availability(self) -> str | None:
+        if shutil.which("unionfs-fuse") is None:
+            return "unionfs-fuse not installed"
+        return None
+
+    def version(self) -> str:
+        try:
+            output = subprocess.run(
+                ["unionfs-fuse", "--version"], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        for line in (output.stdout + output.stderr).splitlines():
+            if "unionfs-fuse version" in line:
+                return line.strip()
+        return ""
+
+    def mount(
+        self,
+        stack: Stack,
+        upper: Path,
+        work: Path,
+        mountpoint: Path,
+        writable: bool,
+        timeout: float,
+    ) -> Mounted:
+        branches = ":".join([f"{upper}=RW", *(f"{layer}=RO" for layer in reversed(stack.layers))])
+        result = _run(["unionfs-fuse", "-o", "cow", branches, str(mountpoint)], timeout)
+        if result.returncode != 0:
+            raise MountError(f"unionfs-fuse: {result.stderr.strip()[-300:]}")
+        _wait_mounted(mountpoint, timeout)
+        return Mounted(self.name, mountpoint, mountpoint, self.kind, pid=find_daemon(mountpoint))
+
+
+class Unionfs(System):
+    """This project: ``python -m unionfs mount --upper U --workdir W LAYER... MOUNTPOINT``."""
+
+    name = "unionfs"
+    description = "unionfs (this repository), python -m unionfs mount"
+    extra_arguments: tuple[str, ...] = ()
+
+    def availability(self) -> str | None:
+        if not (REPO / "unionfs" / "__main__.py").exists():
+            return "unionfs package missing"
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            return "/dev/fuse not usable"
+        return None
+
+    def version(self) -> str:
+        script = (
+            "import sys, pyfuse3, trio, unionfs; "
+            "print('unionfs', getattr(unionfs, '__version__', '?'), '| python', "
+            "sys.version.split()[0], '| pyfuse3', pyfuse3.__version__, '| trio', trio.__version__)"
+        )
+        try:
+            output = subprocess.run(
+                [unionfs_python(), "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=REPO,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return output.stdout.strip() or output.stderr.strip()[-200:]
+
+    def mount(
+        self,
+        stack: Stack,
+        upper: Path,
+        work: Path,
+        mountpoint: Path,
+        writable: bool,
+        timeout: float,
+    ) -> Mounted:
+        log = mountpoint.parent / "unionfs.log"
+        command = [
+            unionfs_python(),
+            "-m",
+            "unionfs",
+            "mount",
+            "--upper",
+            str(upper),
+            "--workdir",
+            str(work),
+            "--log",
+            str(log),
+            *self.extra_arguments,
+            *(str(layer) for layer in stack.layers),
+            str(mountpoint),
+        ]
+        result = _run(command, timeout, cwd=REPO)
+        if result.returncode != 0:
+            detail = (result.stderr.strip() or result.stdout.strip())[-300:]
+            if is_mounted(mountpoint):
+                Mounted(self.name, mountpoint, mountpoint, self.kind).unmount()
+            raise MountError(f"unionfs mount exit {result.returncode}: {detail}")
+        try:
+            _wait_mounted(mountpoint, timeout)
+        except MountError:
+            raise MountError("unionfs mount exited 0 but nothing is mounted") from None
+        return Mounted(
+            self.name, mountpoint, mountpoint, self.kind, pid=find_daemon(mountpoint), log=log
+        )
+
+
+ALL_SYSTEMS: dict[str, System] = {
+    system.name: system
+    for system in (
+        Native(),
+        KernelOverlay(),
+        RootlessOverlay(),
+        FuseOverlayfs(),
+        UnionfsFuse(),
+        Unionfs(),
+    )
+}
+DEFAULT_SYSTEMS = (
+    "native",
+    "overlay",
+    "overlay-rootless",
+    "fuse-overlayfs",
+    "unionfs-fuse",
+    "unionfs",
+)

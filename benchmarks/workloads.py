@@ -1,0 +1,461 @@
+"""The workloads of issue 4, one ``Workload`` per measurement (a few yield two rows).
+
+A workload names the stack it mounts, whether it writes (the native system then gets a private
+copy of the merged tree on the upper's filesystem), whether it is cold (caches dropped after the
+mount and after ``prepare``), an untimed ``prepare`` step and the timed ``run`` step. Every
+command runs in a child process with the sample's timeout; times come from the child itself
+(``benchmarks.actions``) or from the wall clock around the child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.dataset import MIB, Dataset, Scale, lookup_counts
+from benchmarks.systems import REPO, Mounted
+
+
+class WorkloadError(Exception):
+    """A workload's command failed (the message says how)."""
+
+
+class WorkloadTimeout(WorkloadError):
+    """A workload's command ran past the sample timeout."""
+
+
+@dataclass
+class Context:
+    """What a workload step gets: the data set, the live mount and the time limit."""
+
+    dataset: Dataset
+    mounted: Mounted
+    timeout: float
+    scratch: Path
+
+    @property
+    def root(self) -> Path:
+        return self.mounted.root
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    stack: str
+    run: Callable[[Context], list[float]]
+    prepare: Callable[[Context], None] | None = None
+    cold: bool = False
+    writable: bool = False
+    upperfs: str = "tmpfs"
+    units: tuple[str, ...] = ("s",)
+    rows: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    daemon_only: bool = False
+    rootless: bool = False
+    group: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            self.rows = (self.name,)
+
+    def applies_to(self, system: str) -> bool:
+        if self.daemon_only and system in ("native", "overlay", "overlay-rootless"):
+            return False
+        return not (system == "overlay-rootless" and not self.rootless)
+
+    def missing_requirement(self) -> str | None:
+        for requirement in self.requires:
+            if requirement == "root":
+                if os.geteuid() != 0:
+                    return "needs root"
+            elif shutil.which(requirement) is None:
+                return f"{requirement} not installed"
+        return None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def timed(context: Context, command: list[str], cwd: Path | None = None) -> float:
+    """Wall-clock seconds of COMMAND (output discarded); WorkloadError if it fails."""
+    started = time.perf_counter()
+    _run(context, command, cwd)
+    return time.perf_counter() - started
+
+
+def _run(context: Context, command: list[str], cwd: Path | None = None) -> str:
+    try:
+        result = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=context.timeout,
+            cwd=cwd,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise WorkloadTimeout(f"{command[0]} timed out after {context.timeout:.0f} s") from error
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        raise WorkloadError(f"{' '.join(command[:3])}: exit {result.returncode}: {detail}")
+    return result.stdout.decode(errors="replace")
+
+
+def action(context: Context, name: str, *arguments: str | Path) -> float:
+    """Seconds reported by ``python -m benchmarks.actions NAME ARGUMENTS``."""
+    output = _run(
+        context,
+        [sys.executable, "-m", "benchmarks.actions", name, *(str(a) for a in arguments)],
+        cwd=REPO,
+    )
+    return float(output.strip().splitlines()[-1])
+
+
+def quiet(command: list[str]) -> Callable[[Context], list[float]]:
+    def run(context: Context) -> list[float]:
+        return [timed(context, [part.format(root=context.root) for part in command])]
+
+    return run
+
+
+def twice(run: Callable[[Context], list[float]]) -> Callable[[Context], None]:
+    """A prepare step that does the timed step once, untimed: what makes a 'warm' workload."""
+
+    def prepare(context: Context) -> None:
+        run(context)
+
+    return prepare
+
+
+# ---------------------------------------------------------------- workload steps
+
+
+def _find(context: Context) -> list[float]:
+    return [timed(context, ["find", str(context.root / "t")])]
+
+
+def _stat_tree(context: Context) -> list[float]:
+    return [action(context, "stat-all", context.root, context.dataset.tree_paths)]
+
+
+def _ls_f(context: Context) -> list[float]:
+    return [timed(context, ["ls", "-f", str(context.root / "big")])]
+
+
+def _ls_l(context: Context) -> list[float]:
+    return [timed(context, ["ls", "-l", str(context.root / "big")])]
+
+
+def _read_big(context: Context) -> list[float]:
+    return [action(context, "read", context.root / "big.bin")]
+
+
+def _container(context: Context) -> list[float]:
+    python = context.dataset.python_in_rootfs
+    command = [
+        "env",
+        "-i",
+        "PATH=/bin:/usr/bin",
+        "HOME=/",
+        "PYTHONDONTWRITEBYTECODE=1",
+        shutil.which("chroot") or "/usr/sbin/chroot",
+        str(context.root),
+        python,
+        "/app/main.py",
+    ]
+    return [timed(context, command)]
+
+
+def _walk_then_daemon(context: Context) -> list[float]:
+    action(context, "walk", context.root)
+    pid = context.mounted.pid
+    if pid is None:
+        raise WorkloadError("daemon PID not found")
+    rss_kib = 0
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                rss_kib = int(line.split()[1])
+    descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+    return [rss_kib / 1024, float(descriptors)]
+
+
+def _lookup(context: Context) -> list[float]:
+    return [action(context, "stat-all", context.root, context.dataset.stack_paths)]
+
+
+def _append_mid(context: Context) -> list[float]:
+    return [action(context, "append-byte", context.root / "mid.bin")]
+
+
+def _append_sparse(context: Context) -> list[float]:
+    return [action(context, "append-byte", context.root / "sparse.img")]
+
+
+def _seq_write(size_mib: int) -> Callable[[Context], list[float]]:
+    def run(context: Context) -> list[float]:
+        target = context.root / "dest" / "written.bin"
+        command = [
+            "dd",
+            "if=/dev/zero",
+            f"of={target}",
+            "bs=1M",
+            f"count={size_mib}",
+            "conv=fsync",
+            "status=none",
+        ]
+        return [timed(context, command)]
+
+    return run
+
+
+def _fio(size_mib: int) -> Callable[[Context], list[float]]:
+    def run(context: Context) -> list[float]:
+        command = [
+            "fio",
+            "--name=randwrite",
+            f"--filename={context.root / 'dest' / 'fio.dat'}",
+            "--rw=randwrite",
+            "--bs=4k",
+            f"--size={size_mib}M",
+            "--ioengine=psync",
+            "--randrepeat=1",
+            "--end_fsync=1",
+            "--output-format=json",
+        ]
+        output = _run(context, command)
+        report = json.loads(output[output.index("{") :])
+        return [report["jobs"][0]["write"]["runtime"] / 1000.0]
+
+    return run
+
+
+def _untar(context: Context) -> list[float]:
+    return [
+        timed(
+            context, ["tar", "-xf", str(context.dataset.tarball), "-C", str(context.root / "dest")]
+        )
+    ]
+
+
+def _warm_tarball(context: Context) -> None:
+    with open(context.dataset.tarball, "rb") as handle:
+        while handle.read(1 << 20):
+            pass
+
+
+def all_workloads(scale: Scale) -> list[Workload]:
+    """Every workload, in the order of the results table."""
+    small = scale.name == "small"
+    write_mib = 64 if small else 1024
+    fio_mib = 16 if small else 128
+    tree = "tree"
+    workloads = [
+        Workload("find-cold", "find, cold", tree, _find, cold=True, group="cold"),
+        Workload("find-warm", "find, warm", tree, _find, prepare=twice(_find), group="warm"),
+        Workload("stat-cold", "stat every path, cold", tree, _stat_tree, cold=True, group="cold"),
+        Workload(
+            "stat-warm",
+            "stat every path, warm",
+            tree,
+            _stat_tree,
+            prepare=twice(_stat_tree),
+            group="warm",
+        ),
+        Workload(
+            "ls-f-cold", "ls -f big directory, cold", "bigdir", _ls_f, cold=True, group="cold"
+        ),
+        Workload(
+            "ls-l-cold", "ls -l big directory, cold", "bigdir", _ls_l, cold=True, group="cold"
+        ),
+        Workload(
+            "ls-l-warm",
+            "ls -l big directory, warm",
+            "bigdir",
+            _ls_l,
+            prepare=twice(_ls_l),
+            group="warm",
+        ),
+        Workload(
+            "seqread-fresh",
+            "sequential read big file, fresh mount",
+            "bigfile",
+            _read_big,
+            cold=True,
+            group="io",
+        ),
+        Workload(
+            "seqread-reread",
+            "sequential reread big file (page cache)",
+            "bigfile",
+            _read_big,
+            prepare=twice(_read_big),
+            group="warm",
+        ),
+        Workload(
+            "seqwrite",
+            f"sequential write {write_mib} MiB + fsync",
+            "empty",
+            _seq_write(write_mib),
+            writable=True,
+            group="io",
+        ),
+        Workload(
+            "seqwrite-ext4",
+            f"sequential write {write_mib} MiB + fsync, ext4 upper",
+            "empty",
+            _seq_write(write_mib),
+            writable=True,
+            upperfs="ext4",
+            group="io",
+        ),
+        Workload(
+            "fio-randwrite",
+            f"fio 4k random writes, {fio_mib} MiB",
+            "empty",
+            _fio(fio_mib),
+            writable=True,
+            requires=("fio",),
+            group="write",
+        ),
+        Workload(
+            "copyup-mid",
+            f"copy-up: append 1 byte to {scale.mid_file // MIB} MiB lower file",
+            "midfile",
+            _append_mid,
+            writable=True,
+            group="copyup",
+        ),
+        Workload(
+            "copyup-mid-ext4",
+            f"copy-up: append 1 byte to {scale.mid_file // MIB} MiB lower file, ext4 upper",
+            "midfile",
+            _append_mid,
+            writable=True,
+            upperfs="ext4",
+            group="copyup",
+        ),
+        Workload(
+            "untar",
+            f"untar {scale.tar_files} small files",
+            "empty",
+            _untar,
+            writable=True,
+            prepare=_warm_tarball,
+            group="write",
+        ),
+        Workload(
+            "untar-ext4",
+            f"untar {scale.tar_files} small files, ext4 upper",
+            "empty",
+            _untar,
+            writable=True,
+            upperfs="ext4",
+            prepare=_warm_tarball,
+            group="write",
+        ),
+        Workload(
+            "container-cold",
+            "container start (chroot + imports), cold",
+            "rootfs",
+            _container,
+            cold=True,
+            requires=("root", "chroot"),
+            group="io",
+        ),
+        Workload(
+            "container-warm",
+            "container start (chroot + imports), warm",
+            "rootfs",
+            _container,
+            prepare=twice(_container),
+            requires=("root", "chroot"),
+            group="warm",
+        ),
+        Workload(
+            "chmod-R",
+            "chmod -R of the lower tree",
+            tree,
+            quiet(["chmod", "-R", "g+w", "{root}/t"]),
+            writable=True,
+            rootless=True,
+            group="meta",
+        ),
+        Workload(
+            "chown-R",
+            "chown -R of the lower tree",
+            tree,
+            quiet(["chown", "-R", "1234:1234", "{root}/t"]),
+            writable=True,
+            rootless=True,
+            requires=("root",),
+            group="meta",
+        ),
+        Workload(
+            "rm-rf",
+            "rm -rf of the lower tree",
+            tree,
+            quiet(["rm", "-rf", "{root}/t"]),
+            writable=True,
+            rootless=True,
+            group="meta",
+        ),
+        Workload(
+            "rename-dir",
+            "rename of a lower directory (mv)",
+            tree,
+            quiet(["mv", "{root}/t", "{root}/t-renamed"]),
+            writable=True,
+            rootless=True,
+            group="meta",
+        ),
+        Workload(
+            "sparse-copyup",
+            f"copy-up of a sparse file ({scale.sparse_size >> 30} GiB apparent)",
+            "sparse",
+            _append_sparse,
+            writable=True,
+            rootless=True,
+            group="meta",
+        ),
+    ]
+    for count in lookup_counts(scale):
+        workloads.append(
+            Workload(
+                f"lookup-{count}",
+                f"lookup cost, {count} layer{'s' if count > 1 else ''}, cold",
+                f"stack{count}",
+                _lookup,
+                cold=True,
+                group="lookup",
+            )
+        )
+    workloads.append(
+        Workload(
+            "daemon",
+            "daemon after walking the tree",
+            tree,
+            _walk_then_daemon,
+            rows=("daemon-rss", "daemon-fds"),
+            units=("MiB", "fds"),
+            daemon_only=True,
+            group="daemon",
+        )
+    )
+    return workloads
+
+
+ROW_TITLES_EXTRA = {
+    "daemon-rss": "daemon RSS after walking the tree",
+    "daemon-fds": "daemon open fds after walking the tree",
+    "lookup-growth": "lookup cost growth, 100 vs 2 layers (cold)",
+}
