@@ -1,0 +1,88 @@
+"""The filesystems a differential test can mount, behind one interface.
+
+`ORACLE` is kernel overlayfs (`redirect_dir=on,index=on` when writable). The system under test
+(SUT) is chosen by the environment variable `UNIONFS_DIFF_SUT`:
+
+* `unionfs` (default): `python -m unionfs mount [--upper U --workdir W] LAYER... MNT`
+* `fuse-overlayfs`: the reference FUSE implementation (used to prove the harness before unionfs
+  could mount; it has known differences from the kernel, e.g. hard links on copy-up)
+* `kernel`: kernel overlayfs against itself (a sanity check of the harness: must always pass)
+
+Every `mounted()` is a context manager that unmounts on exit, even when the body fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.mounts import fuse_overlayfs_mounted, overlay_mounted, unionfs_mounted
+
+SUT_ENVIRONMENT_VARIABLE = "UNIONFS_DIFF_SUT"
+KERNEL_WRITABLE_OPTIONS = ("redirect_dir=on", "index=on")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    reads_oci_whiteouts: bool  # understands `.wh.NAME` / `.wh..wh..opq` in lower layers
+
+    @contextlib.contextmanager
+    def mounted(
+        self,
+        lowers_base_first: Sequence[Path],
+        mountpoint: Path,
+        *,
+        upper: Path | None = None,
+        workdir: Path | None = None,
+    ) -> Iterator[Path]:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        if upper is not None:
+            upper.mkdir(parents=True, exist_ok=True)
+            assert workdir is not None
+            workdir.mkdir(parents=True, exist_ok=True)
+        if self.name == "kernel":
+            options = KERNEL_WRITABLE_OPTIONS if upper is not None else ()
+            with overlay_mounted(
+                lowers_base_first, mountpoint, upper=upper, workdir=workdir, options=options
+            ) as path:
+                yield path
+        elif self.name == "fuse-overlayfs":
+            with fuse_overlayfs_mounted(
+                lowers_base_first, mountpoint, upper=upper, workdir=workdir
+            ) as path:
+                yield path
+        elif self.name == "unionfs":
+            log = mountpoint.with_name(mountpoint.name + ".unionfs.log")
+            with unionfs_mounted(
+                lowers_base_first, mountpoint, upper=upper, workdir=workdir, log=log
+            ) as path:
+                yield path
+        else:
+            raise ValueError(self.name)
+
+    def unavailable_reason(self) -> str | None:
+        if self.name == "kernel":
+            return None if os.geteuid() == 0 else "kernel overlayfs needs root"
+        if self.name == "fuse-overlayfs":
+            return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs is not installed"
+        return None
+
+
+ORACLE = Backend("kernel", reads_oci_whiteouts=False)
+BACKENDS = {
+    "kernel": ORACLE,
+    "fuse-overlayfs": Backend("fuse-overlayfs", reads_oci_whiteouts=True),
+    "unionfs": Backend("unionfs", reads_oci_whiteouts=True),
+}
+
+
+def system_under_test() -> Backend:
+    name = os.environ.get(SUT_ENVIRONMENT_VARIABLE, "unionfs")
+    if name not in BACKENDS:
+        raise ValueError(f"{SUT_ENVIRONMENT_VARIABLE}={name!r}: expected one of {sorted(BACKENDS)}")
+    return BACKENDS[name]
