@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from podman_rig import (
+
+from tests.containers.podman_rig import (
     PodmanRig,
     make_busybox_rootfs,
     missing_tools,
