@@ -1,0 +1,148 @@
+"""Command line: argparse, options -> MountConfig, and the only ``sys.exit``.
+
+Exit codes: 0 ok; 1 unexpected failure; 2 usage error; 3 bad layer/upper/workdir;
+4 bad mountpoint; 5 permission denied; 6 /dev/fuse or fusermount3 unusable.
+Besides the subcommands, the fuse-overlayfs form ``unionfs -o lowerdir=TOP:...:BASE,...
+MOUNTPOINT`` (how podman and buildah call a ``mount_program``) and the ``mount.fuse3`` form
+``unionfs SOURCE MOUNTPOINT -o ...`` are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from unionfs import __version__
+from unionfs.config import MountConfig
+from unionfs.mount import EXIT_FAILURE, EXIT_USAGE, MountError, mount, unmount
+from unionfs.options import OptionError, apply_options, split_options
+
+SUBCOMMANDS = ("mount", "umount", "unmount")
+EXIT_CODES = """exit codes:
+  0  success
+  1  unexpected failure
+  2  usage error
+  3  bad layer, upper or workdir (missing, not a directory, given twice, nested)
+  4  bad mountpoint (missing, not a directory, not empty, already mounted)
+  5  permission denied
+  6  /dev/fuse or fusermount3 unusable
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"unionfs: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="unionfs", description="A userspace union filesystem for container "
+                    "image layers.", epilog=EXIT_CODES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"unionfs {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    mount_parser = commands.add_parser(
+        "mount", help="mount layers (base first) as one merged tree",
+        description="Mount LAYERs (base layer first, as in an OCI manifest) at MOUNTPOINT. "
+        "Without --upper the mount is read-only.", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    mount_parser.add_argument("--upper", metavar="DIR", help="writable layer (created if missing)")
+    mount_parser.add_argument("--workdir", metavar="DIR",
+                              help="scratch dir on the upper's filesystem "
+                              "(default: .UPPER.unionfs-work beside the upper)")
+    mount_parser.add_argument("-f", "--foreground", action="store_true",
+                              help="stay in the foreground; SIGINT/SIGTERM unmount")
+    mount_parser.add_argument("-o", dest="options", action="append", default=[],
+                              metavar="OPT[,OPT...]", help="mount options (allow_other, ro, "
+                              "timeout=SECONDS, fsync=0, ...; fuse-overlayfs names accepted)")
+    mount_parser.add_argument("--whiteout-format", choices=("overlay", "oci"), default="overlay",
+                              help="how deletions are written to the upper (default: overlay)")
+    mount_parser.add_argument("--debug", action="store_true", help="log every request")
+    mount_parser.add_argument("--log", metavar="FILE", help="write the daemon's log to FILE")
+    mount_parser.add_argument("paths", nargs="+", metavar="LAYER... MOUNTPOINT")
+
+    for name in ("umount", "unmount"):
+        umount_parser = commands.add_parser(
+            name, help="unmount a unionfs mount" if name == "umount" else argparse.SUPPRESS,
+            description="Unmount MOUNTPOINT (through fusermount3, so no root is needed).",
+            epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        umount_parser.add_argument("mountpoint", metavar="MOUNTPOINT")
+    return parser
+
+
+def build_overlay_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="unionfs", description="fuse-overlayfs compatible form: "
+                    "unionfs -o lowerdir=TOP:...:BASE[,upperdir=U,workdir=W] MOUNTPOINT",
+                    epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    parser.add_argument("-f", dest="foreground", action="store_true")
+    parser.add_argument("-d", "--debug", action="store_true")
+    parser.add_argument("--log", metavar="FILE")
+    parser.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT")
+    return parser
+
+
+def _config_from_options(option_args: Sequence[str], config: MountConfig) -> None:
+    options: list[str] = []
+    for argument in option_args:
+        options.extend(split_options(argument))
+    apply_options(config, options)
+
+
+def parse(argv: Sequence[str]) -> tuple[str, MountConfig | str]:
+    """Returns ("mount", config) or ("umount", mountpoint)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    wants_help = any(arg in ("-h", "--help", "--version") for arg in argv)
+    if first not in SUBCOMMANDS and not (wants_help and first is None) and argv:
+        return "mount", _parse_overlay_form(argv)
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_usage(sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    if args.command in ("umount", "unmount"):
+        return "umount", args.mountpoint
+    if len(args.paths) < 2:
+        raise OptionError("mount needs at least one LAYER and a MOUNTPOINT")
+    config = MountConfig(lowers=list(args.paths[:-1]), mountpoint=args.paths[-1],
+                         upper=args.upper, workdir=args.workdir, foreground=args.foreground,
+                         debug=args.debug, log_file=args.log,
+                         whiteout_format=args.whiteout_format)
+    _config_from_options(args.options, config)
+    return "mount", config
+
+
+def _parse_overlay_form(argv: Sequence[str]) -> MountConfig:
+    args = build_overlay_parser().parse_args(argv)
+    config = MountConfig(lowers=[], mountpoint=args.paths[-1], foreground=args.foreground,
+                         debug=args.debug, log_file=args.log)
+    if len(args.paths) > 2:
+        raise OptionError("expected [SOURCE] MOUNTPOINT")
+    _config_from_options(args.options, config)
+    if not config.lowers:
+        raise OptionError("missing -o lowerdir=TOP:...:BASE")
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        action, value = parse(arguments)
+        if action == "umount":
+            assert isinstance(value, str)
+            return unmount(value)
+        assert isinstance(value, MountConfig)
+        for warning in value.warnings:
+            print(f"unionfs: warning: {warning}", file=sys.stderr)
+        return mount(value)
+    except OptionError as error:
+        print(f"unionfs: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except MountError as error:
+        print(f"unionfs: {error.message}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # the last line of defence: one line, no traceback
+        print(f"unionfs: unexpected error: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILURE

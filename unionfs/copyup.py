@@ -1,0 +1,184 @@
+"""Atomic copy-up of a lower file or directory chain into the upper layer.
+
+A file is built as an anonymous ``O_TMPFILE`` in its upper parent (or under a temporary
+name in the work directory when the filesystem lacks ``O_TMPFILE``): data extents only
+(``SEEK_DATA``/``SEEK_HOLE`` + ``copy_file_range``), then owner, mode, xattrs and times, and
+only then is it linked into place. A directory is made in the work directory, given its
+metadata and renamed into place. So after a crash at any instant the upper holds either no
+copy or a complete one. The caller holds the namespace lock, so nothing is copied up twice
+at once; big files are copied in a worker thread so other requests keep being served.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Awaitable, Callable
+
+from unionfs import safeio, whiteout
+from unionfs.inodes import Node, merged_path
+from unionfs.layer import Layer
+from unionfs.tree import MergedTree
+from unionfs.workdir import WorkDir
+
+THREAD_THRESHOLD = 1 << 20  # files bigger than this are copied off the event loop
+RunInThread = Callable[[Callable[[], int]], Awaitable[int]]
+
+
+def apply_metadata(fd: int, st: os.stat_result) -> None:
+    """Owner first (chown clears set-id bits), then mode, on an open file."""
+    try:
+        os.fchown(fd, st.st_uid, st.st_gid)
+    except PermissionError:
+        pass  # an unprivileged daemon keeps its own ownership
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+
+
+def apply_path_metadata(dir_fd: int, name: bytes, st: os.stat_result, *, symlink: bool) -> None:
+    try:
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+    except PermissionError:
+        pass
+    if not symlink:
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd, follow_symlinks=False)
+
+
+class CopyUp:
+    def __init__(self, tree: MergedTree, upper: Layer, work: WorkDir,
+                 run_in_thread: RunInThread) -> None:
+        self.tree = tree
+        self.upper = upper
+        self.work = work
+        self.run_in_thread = run_in_thread
+        self.copies = 0
+        self.bytes_copied = 0
+
+    def ensure_dir(self, node: Node) -> None:
+        """Make sure directory ``node`` and all its ancestors exist in the upper layer."""
+        if node.in_upper:
+            return
+        link = node.primary_link()
+        if link is None:
+            raise FileNotFoundError(errno.ENOENT, "directory has no name")
+        parent, name = link
+        self.ensure_dir(parent)
+        source = node.lower[0]
+        source_fd, source_name = source.layer.parent_and_name(source.path)
+        st = safeio.lstat(source_fd, source_name)
+        parent_fd = self.upper.dir_fd(merged_path(parent))
+        temp = self.work.temp_name()
+        os.mkdir(temp, 0o700, dir_fd=self.work.fd)
+        try:
+            safeio.copy_xattrs(source_fd, source_name, self.work.fd, temp,
+                               skip=whiteout.PRIVATE_PREFIXES)
+            apply_path_metadata(self.work.fd, temp, st, symlink=False)
+            os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=self.work.fd,
+                     follow_symlinks=False)
+            safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_NOREPLACE)
+        except BaseException:
+            safeio.remove_tree(self.work.fd, temp)
+            raise
+        self._adopt_upper(node, parent, name, parent_fd)
+
+    async def ensure_file(self, node: Node, *, with_data: bool = True) -> None:
+        """Copy a non-directory up (with its data unless ``with_data`` is False, for a
+        truncate to zero)."""
+        if node.in_upper:
+            return
+        if node.is_dir:
+            self.ensure_dir(node)
+            return
+        link = node.primary_link()
+        if link is None or not node.lower:
+            raise FileNotFoundError(errno.ENOENT, "file has no name")
+        parent, name = link
+        self.ensure_dir(parent)
+        parent_fd = self.upper.dir_fd(merged_path(parent))
+        source = node.lower[0]
+        source_dir_fd, source_name = source.layer.parent_and_name(source.path)
+        st = safeio.lstat(source_dir_fd, source_name)
+        if stat.S_ISREG(st.st_mode):
+            await self._copy_regular(source_dir_fd, source_name, st, parent_fd, name, with_data)
+        else:
+            self._copy_special(source_dir_fd, source_name, st, parent_fd, name)
+        node.lower_links_consumed += 1
+        self._adopt_upper(node, parent, name, parent_fd)
+        node.generation += 1
+        self.copies += 1
+
+    def _adopt_upper(self, node: Node, parent: Node, name: bytes, parent_fd: int) -> None:
+        st = safeio.lstat(parent_fd, name)
+        self.tree.inodes.alias((st.st_dev, st.st_ino), node)
+        node.in_upper = True
+        node.links[(parent, name)] = True
+        self.upper.forget_dir(merged_path(parent))
+
+    async def _copy_regular(self, source_dir_fd: int, source_name: bytes, st: os.stat_result,
+                            parent_fd: int, name: bytes, with_data: bool) -> None:
+        source_fd = safeio.open_lower_file(source_dir_fd, source_name)
+        try:
+            anonymous = True
+            try:
+                target_fd = os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                                    dir_fd=parent_fd)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                anonymous = False
+                temp = self.work.temp_name()
+                target_fd = safeio.open_file(self.work.fd, temp,
+                                             os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                size = st.st_size if with_data else 0
+
+                def copy() -> int:
+                    return safeio.copy_data(source_fd, target_fd, size)
+
+                if size > THREAD_THRESHOLD:
+                    copied = await self.run_in_thread(copy)
+                else:
+                    copied = copy()
+                self.bytes_copied += copied
+                safeio.copy_xattrs(source_dir_fd, source_name, target_fd, None,
+                                   skip=whiteout.PRIVATE_PREFIXES)
+                apply_metadata(target_fd, st)
+                os.utime(target_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                if anonymous:
+                    safeio.link_tmpfile(target_fd, parent_fd, name)
+                else:
+                    safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_NOREPLACE)
+            except BaseException:
+                if not anonymous:
+                    try:
+                        os.unlink(temp, dir_fd=self.work.fd)
+                    except OSError:
+                        pass
+                raise
+            finally:
+                os.close(target_fd)
+        finally:
+            os.close(source_fd)
+
+    def _copy_special(self, source_dir_fd: int, source_name: bytes, st: os.stat_result,
+                      parent_fd: int, name: bytes) -> None:
+        temp = self.work.temp_name()
+        symlink = stat.S_ISLNK(st.st_mode)
+        if symlink:
+            os.symlink(safeio.readlink(source_dir_fd, source_name), temp, dir_fd=self.work.fd)
+        else:
+            os.mknod(temp, st.st_mode, st.st_rdev, dir_fd=self.work.fd)
+        try:
+            safeio.copy_xattrs(source_dir_fd, source_name, self.work.fd, temp,
+                               skip=whiteout.PRIVATE_PREFIXES)
+            apply_path_metadata(self.work.fd, temp, st, symlink=symlink)
+            os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=self.work.fd,
+                     follow_symlinks=False)
+            safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_NOREPLACE)
+        except BaseException:
+            try:
+                os.unlink(temp, dir_fd=self.work.fd)
+            except OSError:
+                pass
+            raise
+

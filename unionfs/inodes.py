@@ -1,0 +1,137 @@
+"""FUSE inode numbers <-> merged nodes, lookup counts and stable identity.
+
+A ``Node`` is one merged file or directory. Its FUSE inode number (also its ``st_ino``) is
+chosen once per real object: the key is the (st_dev, st_ino) of the object in the layer it
+comes from, so hard links inside a layer share one node, and a node keeps its number when it
+is copied up (the upper copy's key is added as an alias), renamed or forgotten and looked up
+again. Keys of upper objects are dropped when the object is deleted, because the upper
+filesystem may reuse the number.
+
+Links: a node knows the merged names (parent node, name) it was reached by. Directories
+have exactly one. For non-directories the map says whether that name exists in the upper
+layer; the upper data of a copied-up file is reached through any upper link.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from unionfs.stack import Source
+
+ROOT_INODE = int(pyfuse3.ROOT_INODE)
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    ino: int
+    kind: int
+    lower: list[Source]  # lower sources, top first (directories: every merged lower dir)
+    links: dict[tuple[Node, bytes], bool] = field(default_factory=dict)  # link -> in upper
+    lookups: int = 0
+    generation: int = 0  # bumped on copy-up so open handles switch to the upper copy
+    lower_nlink: int = 0  # names the lower object had (hard links)
+    lower_links_consumed: int = 0  # of those, names since copied up or deleted
+    open_fds: set[int] = field(default_factory=set)  # fds of open handles (for unlinked files)
+    in_upper: bool = False  # an upper object exists for this node
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+    def primary_link(self) -> tuple[Node, bytes] | None:
+        upper = self.upper_link()
+        if upper is not None:
+            return upper
+        for link in self.links:
+            return link
+        return None
+
+    def upper_link(self) -> tuple[Node, bytes] | None:
+        for link, in_upper in self.links.items():
+            if in_upper:
+                return link
+        return None
+
+    def set_only_link(self, parent: Node, name: bytes, *, in_upper: bool) -> None:
+        self.links.clear()
+        self.links[(parent, name)] = in_upper
+
+
+def merged_path(node: Node) -> tuple[bytes, ...]:
+    """The path of a directory (or of a node's primary link) in the merged tree.
+
+    In the upper layer every object sits at its merged path, so this is also the upper path.
+    """
+    parts: list[bytes] = []
+    current: Node | None = node
+    seen = 0
+    while current is not None and current.ino != ROOT_INODE:
+        link = current.primary_link()
+        if link is None:
+            raise FileNotFoundError(2, "node has no name any more")
+        parent, name = link
+        parts.append(name)
+        current = parent
+        seen += 1
+        if seen > 4096:
+            raise OSError(40, "path too deep")
+    parts.reverse()
+    return tuple(parts)
+
+
+def link_path(parent: Node, name: bytes) -> tuple[bytes, ...]:
+    return (*merged_path(parent), name)
+
+
+class InodeTable:
+    def __init__(self, root_sources: list[Source], root_in_upper: bool) -> None:
+        self._numbers = itertools.count(ROOT_INODE + 1)
+        self.nodes: dict[int, Node] = {}
+        self.keys: dict[tuple[int, int], int] = {}
+        self.root = Node(ROOT_INODE, stat.S_IFDIR, [s for s in root_sources
+                                                     if not s.layer.writable])
+        self.root.in_upper = root_in_upper
+        self.root.lookups = 1
+        self.nodes[ROOT_INODE] = self.root
+        for source in root_sources:
+            st = os.fstat(source.layer.root_fd)
+            self.keys[(st.st_dev, st.st_ino)] = ROOT_INODE
+
+    def __getitem__(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise OSError(116, "stale inode")  # ESTALE
+        return node
+
+    def node_for_key(self, key: tuple[int, int]) -> Node | None:
+        ino = self.keys.get(key)
+        return None if ino is None else self.nodes.get(ino)
+
+    def new_node(self, key: tuple[int, int], kind: int, lower: list[Source]) -> Node:
+        ino = self.keys.get(key)
+        if ino is None:
+            ino = next(self._numbers)
+            self.keys[key] = ino
+        node = Node(ino, kind, lower)
+        self.nodes[ino] = node
+        return node
+
+    def alias(self, key: tuple[int, int], node: Node) -> None:
+        self.keys[key] = node.ino
+
+    def drop_key(self, key: tuple[int, int], node: Node) -> None:
+        if self.keys.get(key) == node.ino:
+            del self.keys[key]
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT_INODE:
+            return
+        node.lookups -= count
+        if node.lookups <= 0 and not node.open_fds and not node.links:
+            del self.nodes[ino]

@@ -1,0 +1,158 @@
+"""One layer: a directory tree behind a root fd, read-only (lower) or writable (upper).
+
+A layer caches open directory fds (LRU, bounded) and per-directory listings. Lower layers
+are immutable, so their listings are kept until evicted; the upper layer's listings are
+dropped by the mutation code whenever it changes a directory (``forget_dir``).
+Paths are ``RelPath`` tuples of single components, walked one ``openat`` at a time with
+``O_NOFOLLOW`` (see safeio), so a symlink inside a layer can never lead outside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from unionfs import safeio, whiteout
+from unionfs.safeio import RelPath
+
+MAX_CACHED_FDS = 256
+MAX_CACHED_LISTINGS = 4096
+
+
+@dataclass(slots=True)
+class Listing:
+    """What one layer's directory contributes to the merged view."""
+
+    entries: dict[bytes, int] = field(default_factory=dict)  # visible name -> S_IFMT
+    whiteouts: set[bytes] = field(default_factory=set)  # names hidden in lower layers
+    opaque: bool = False  # lower layers contribute nothing below this directory
+    redirect: tuple[bool, RelPath] | None = None  # where lower content of this dir lives
+
+
+class Layer:
+    def __init__(self, path: str, index: int, *, writable: bool) -> None:
+        self.path = path
+        self.index = index
+        self.writable = writable
+        self.root_fd = safeio.open_root(path)
+        self.device = os.fstat(self.root_fd).st_dev
+        self._fds: OrderedDict[RelPath, int] = OrderedDict()
+        self._listings: OrderedDict[RelPath, Listing] = OrderedDict()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        os.close(self.root_fd)
+
+    # directory fds -------------------------------------------------------------------
+    def dir_fd(self, path: RelPath) -> int:
+        """An fd of directory ``path`` (owned by the cache: do not close it)."""
+        if not path:
+            return self.root_fd
+        fd = self._fds.get(path)
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        parent_fd = self.dir_fd(path[:-1])
+        fd = safeio.open_dir(parent_fd, path[-1])
+        self._fds[path] = fd
+        if len(self._fds) > MAX_CACHED_FDS:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def forget_dir(self, path: RelPath, *, subtree: bool = False) -> None:
+        """Drop cached fds and listings of ``path`` (and below it when ``subtree``)."""
+        for cache in (self._fds, self._listings):
+            if subtree:
+                doomed = [key for key in cache if key[: len(path)] == path]
+            else:
+                doomed = [path] if path in cache else []
+            for key in doomed:
+                value = cache.pop(key)
+                if isinstance(value, int):
+                    os.close(value)
+
+    # entries -------------------------------------------------------------------------
+    def lstat(self, path: RelPath) -> os.stat_result:
+        if not path:
+            return os.fstat(self.root_fd)
+        return safeio.lstat(self.dir_fd(path[:-1]), path[-1])
+
+    def try_lstat(self, path: RelPath) -> os.stat_result | None:
+        try:
+            return self.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a symlink where a directory was expected
+                return None
+            raise
+
+    def parent_and_name(self, path: RelPath) -> tuple[int, bytes]:
+        return self.dir_fd(path[:-1]), path[-1]
+
+    def listing(self, path: RelPath) -> Listing | None:
+        """The listing of directory ``path``, None when it is not a directory here."""
+        cached = self._listings.get(path)
+        if cached is not None:
+            self._listings.move_to_end(path)
+            return cached
+        try:
+            fd = self.dir_fd(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return None
+            raise
+        listing = self._read_listing(fd)
+        self._listings[path] = listing
+        if len(self._listings) > MAX_CACHED_LISTINGS:
+            self._listings.popitem(last=False)
+        return listing
+
+    def _read_listing(self, fd: int) -> Listing:
+        listing = Listing()
+        attributes = safeio.list_xattrs(fd, None)
+        xattr_whiteouts = False
+        for attribute in attributes:
+            if attribute in whiteout.OPAQUE_XATTRS:
+                value = safeio.fd_get_xattr(fd, attribute)
+                if whiteout.opaque_value_means_opaque(value):
+                    listing.opaque = True
+                elif whiteout.opaque_value_allows_xattr_whiteouts(value):
+                    xattr_whiteouts = True
+            elif attribute in whiteout.REDIRECT_XATTRS:
+                listing.redirect = whiteout.parse_redirect(safeio.fd_get_xattr(fd, attribute))
+        for name, kind in safeio.list_dir(fd):
+            if name == whiteout.OCI_OPAQUE_MARKER:
+                listing.opaque = True
+                continue
+            target = whiteout.oci_whiteout_target(name)
+            if target is not None:
+                listing.whiteouts.add(target)
+                continue
+            if whiteout.is_hidden_name(name):
+                continue
+            if kind == stat.S_IFCHR:
+                st = safeio.try_lstat(fd, name)
+                if st is not None and safeio.is_whiteout_device(st):
+                    listing.whiteouts.add(name)
+                    continue
+            if kind == stat.S_IFREG and xattr_whiteouts and self._is_xattr_whiteout(fd, name):
+                listing.whiteouts.add(name)
+                continue
+            listing.entries[name] = kind
+        return listing
+
+    @staticmethod
+    def _is_xattr_whiteout(fd: int, name: bytes) -> bool:
+        st = safeio.try_lstat(fd, name)
+        if st is None or st.st_size != 0:
+            return False
+        return any(safeio.get_xattr(fd, name, attr) is not None for attr in whiteout.WHITEOUT_XATTRS)

@@ -1,0 +1,348 @@
+"""Mount lifecycle: validate the layers, mount, serve, and unmount cleanly.
+
+``validate`` turns every predictable failure into a ``MountError`` with an exit code before
+anything is mounted. ``mount`` then either serves in the foreground (SIGINT/SIGTERM unmount
+cleanly) or forks a daemon and returns only once the mount is live, like ``mount``: the
+child mounts, reports success or the error through a pipe, and serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import stat
+import sys
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from unionfs.config import MountConfig
+from unionfs.layer import Layer
+from unionfs.operations import Operations
+from unionfs.tree import MergedTree
+from unionfs.workdir import WorkDir
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_LAYER = 3
+EXIT_MOUNTPOINT = 4
+EXIT_PERMISSION = 5
+EXIT_FUSE = 6
+
+
+class MountError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Prepared:
+    tree: MergedTree
+    work: WorkDir | None
+
+
+def mounted_paths() -> set[str]:
+    """Mount points from /proc/self/mountinfo (read without touching any mount)."""
+    paths: set[str] = set()
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if len(fields) > 4:
+                path = fields[4].decode("utf-8", "surrogateescape")
+                paths.add(path.replace("\\040", " ").replace("\\011", "\t")
+                          .replace("\\012", "\n").replace("\\134", "\\"))
+    return paths
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
+
+
+def _check_directory(path: str, role: str, *, write: bool = False) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(EXIT_LAYER, f"{role} {path} does not exist") from None
+    except PermissionError:
+        raise MountError(EXIT_PERMISSION, f"{role} {path}: permission denied") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(EXIT_LAYER, f"{role} {path} is not a directory")
+    wanted = os.R_OK | os.X_OK | (os.W_OK if write else 0)
+    if not os.access(path, wanted):
+        raise MountError(EXIT_PERMISSION, f"{role} {path}: permission denied")
+    return os.path.realpath(path)
+
+
+def default_workdir(upper: str) -> str:
+    upper = os.path.abspath(upper).rstrip("/")
+    return os.path.join(os.path.dirname(upper), "." + os.path.basename(upper) + ".unionfs-work")
+
+
+def validate(config: MountConfig) -> None:
+    """Check everything that can be checked before mounting; raises MountError."""
+    if not config.lowers:
+        raise MountError(EXIT_USAGE, "no layers given")
+    seen: dict[str, str] = {}
+    resolved_lowers: list[str] = []
+    for layer in config.lowers:
+        real = _check_directory(layer, "layer")
+        if real in seen:
+            raise MountError(EXIT_LAYER, f"directory {layer} is given twice")
+        seen[real] = layer
+        resolved_lowers.append(real)
+    if config.upper is not None:
+        if not os.path.exists(config.upper):
+            try:
+                os.makedirs(config.upper, 0o755)
+            except PermissionError:
+                raise MountError(EXIT_PERMISSION,
+                                 f"cannot create upper {config.upper}: permission denied") from None
+        upper = _check_directory(config.upper, "upper", write=True)
+        if upper in seen:
+            raise MountError(EXIT_LAYER, f"directory {config.upper} is given twice")
+        for lower in resolved_lowers:
+            if _inside(upper, lower):
+                raise MountError(EXIT_LAYER, f"upper {config.upper} is inside layer {lower}")
+            if _inside(lower, upper):
+                raise MountError(EXIT_LAYER, f"layer {lower} is inside upper {config.upper}")
+        if config.workdir is None:
+            config.workdir = default_workdir(config.upper)
+        if not os.path.exists(config.workdir):
+            try:
+                os.makedirs(config.workdir, 0o700)
+            except PermissionError:
+                raise MountError(EXIT_PERMISSION, f"cannot create workdir {config.workdir}: "
+                                 "permission denied (pass --workdir)") from None
+        work = _check_directory(config.workdir, "workdir", write=True)
+        if _inside(work, upper) or _inside(upper, work):
+            raise MountError(EXIT_LAYER, "workdir and upper must not contain each other")
+        if any(_inside(work, lower) for lower in resolved_lowers):
+            raise MountError(EXIT_LAYER, f"workdir {config.workdir} is inside a layer")
+        if os.stat(work).st_dev != os.stat(upper).st_dev:
+            raise MountError(EXIT_LAYER, "workdir must be on the same filesystem as the upper")
+    _check_mountpoint(config)
+    _check_fuse()
+
+
+def _check_mountpoint(config: MountConfig) -> None:
+    path = config.mountpoint
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} does not exist") from None
+    except PermissionError:
+        raise MountError(EXIT_PERMISSION, f"mountpoint {path}: permission denied") from None
+    except OSError as error:
+        raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path}: {error.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not a directory")
+    real = os.path.realpath(path)
+    if real in mounted_paths():
+        raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is already mounted")
+    if "nonempty" not in config.fuse_options:
+        try:
+            if os.listdir(path):
+                raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not empty")
+        except PermissionError:
+            raise MountError(EXIT_PERMISSION, f"mountpoint {path}: permission denied") from None
+    if os.geteuid() != 0 and not os.access(path, os.W_OK):
+        raise MountError(EXIT_PERMISSION, f"mountpoint {path}: no write access")
+    lowers = [os.path.realpath(layer) for layer in config.lowers]
+    for layer in [*lowers, *(os.path.realpath(p) for p in (config.upper, config.workdir) if p)]:
+        if _inside(real, layer) or _inside(layer, real):
+            raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} overlaps {layer}")
+
+
+def _check_fuse() -> None:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError(EXIT_FUSE, "/dev/fuse does not exist (is the fuse module loaded?)") from None
+    except PermissionError:
+        raise MountError(EXIT_FUSE, "/dev/fuse: permission denied "
+                         "(it should be mode 0666; ask your administrator)") from None
+    except OSError as error:
+        raise MountError(EXIT_FUSE, f"/dev/fuse is unusable: {error.strerror}") from None
+    os.close(fd)
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise MountError(EXIT_FUSE, "fusermount3 not found (install the fuse3 package)")
+
+
+def prepare(config: MountConfig) -> Prepared:
+    """Open every layer (top first: upper, then lowers top to bottom)."""
+    os.umask(0)
+    layers: list[Layer] = []
+    index = 0
+    if config.upper is not None:
+        layers.append(Layer(config.upper, index, writable=config.writable))
+        index += 1
+    for path in reversed(config.lowers):
+        layers.append(Layer(path, index, writable=False))
+        index += 1
+    work = None
+    if config.upper is not None and config.workdir is not None and config.writable:
+        work = WorkDir(config.workdir, layers[0].device)
+    if config.upper is not None and not config.writable:
+        layers[0].writable = False
+    return Prepared(MergedTree(layers), work)
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=unionfs", "subtype=unionfs"}
+    options |= set(config.fuse_options)
+    if not config.writable:
+        options.add("ro")
+    if config.debug:
+        options.add("debug")
+    return options
+
+
+def setup_logging(config: MountConfig, *, to_stderr: bool) -> None:
+    level = logging.DEBUG if config.debug else logging.INFO
+    handler: logging.Handler
+    if config.log_file:
+        handler = logging.FileHandler(config.log_file)
+    elif to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    log.info("pid=%d mounting %s", os.getpid(), config.mountpoint)
+
+
+async def _serve(config: MountConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signals)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _still_mounted(mountpoint: str) -> bool:
+    return os.path.realpath(mountpoint) in mounted_paths()
+
+
+def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> int:
+    """Mount and serve until unmounted or signalled. Returns an exit status."""
+    operations = Operations(prepared.tree, config, prepared.work)
+    try:
+        pyfuse3.init(operations, config.mountpoint, fuse_options(config))
+    except RuntimeError as error:
+        raise MountError(EXIT_FUSE, f"cannot mount {config.mountpoint}: {error}") from None
+    if callable(on_ready):
+        on_ready()
+    log.info("mounted %s", config.mountpoint)
+    try:
+        trio.run(_serve, config)
+    finally:
+        pyfuse3.close(unmount=_still_mounted(config.mountpoint))
+        operations.handles.close_all()
+        prepared.tree.close()
+        if prepared.work is not None:
+            prepared.work.close()
+        log.info("unmounted %s", config.mountpoint)
+    return 0
+
+
+def mount(config: MountConfig) -> int:
+    """Validate, then serve in the foreground or in a daemon that outlives this call."""
+    validate(config)
+    if config.foreground:
+        setup_logging(config, to_stderr=True)
+        try:
+            prepared = prepare(config)
+        except OSError as error:
+            raise MountError(EXIT_LAYER, f"cannot open layers: {error.strerror}") from None
+        return serve(config, prepared)
+    return _daemonize(config)
+
+
+def _daemonize(config: MountConfig) -> int:
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read()
+        if message == b"ok":
+            return 0
+        code, _, text = message.partition(b":")
+        if not code:
+            _, status = os.waitpid(pid, 0)
+            raise MountError(EXIT_FAILURE, "the mount daemon died before mounting")
+        raise MountError(int(code), text.decode("utf-8", "replace"))
+    # child
+    os.close(read_end)
+    status = 0
+    try:
+        os.setsid()
+        setup_logging(config, to_stderr=False)
+
+        def ready() -> None:
+            os.write(write_end, b"ok")
+            os.close(write_end)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+
+        try:
+            prepared = prepare(config)
+            serve(config, prepared, ready)
+        except MountError as error:
+            os.write(write_end, b"%d:%s" % (error.code, error.message.encode()))
+            status = error.code
+        except OSError as error:
+            message = f"cannot open layers: {error.strerror}"
+            with contextlib.suppress(OSError):
+                os.write(write_end, b"%d:%s" % (EXIT_LAYER, message.encode()))
+            status = EXIT_LAYER
+    except BaseException:
+        log.exception("mount daemon failed")
+        status = EXIT_FAILURE
+    finally:
+        os._exit(status)
+
+
+def unmount(mountpoint: str) -> int:
+    """Unmount a unionfs mount (works unprivileged through fusermount3)."""
+    import subprocess
+
+    real = os.path.realpath(mountpoint)
+    if real not in mounted_paths():
+        raise MountError(EXIT_MOUNTPOINT, f"{mountpoint} is not mounted")
+    command = ["fusermount3", "-u", real]
+    if shutil.which("fusermount3") is None:
+        if os.geteuid() != 0:
+            raise MountError(EXIT_FUSE, "fusermount3 not found (install the fuse3 package)")
+        command = ["umount", real]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        text = result.stderr.strip().splitlines()
+        detail = text[-1] if text else f"exit status {result.returncode}"
+        code = EXIT_PERMISSION if "ermission" in detail or "not permitted" in detail else EXIT_FAILURE
+        raise MountError(code, f"cannot unmount {mountpoint}: {detail}")
+    return 0
+
+

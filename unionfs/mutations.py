@@ -1,0 +1,449 @@
+"""Union write rules: create, mkdir, mknod, symlink, link, unlink, rmdir, rename, setattr, xattrs.
+
+Every change lands in the upper layer in kernel overlayfs's on-disk format: removing a name
+that exists below leaves a whiteout (char device 0/0, or a ``.wh.`` file with the OCI format
+or when the kernel refuses the device); a directory made over a whiteout is opaque; a
+renamed directory with lower content gets an absolute ``overlay.redirect`` instead of a
+recursive copy. Replacing a whiteout is atomic (the new object is built in the work
+directory and renamed or exchanged into place). All methods run with the namespace lock held
+(see operations) and only ``await`` for copy-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+from unionfs import safeio, whiteout
+from unionfs.copyup import CopyUp
+from unionfs.inodes import Node, link_path, merged_path
+from unionfs.layer import Layer
+from unionfs.stack import Resolved
+from unionfs.tree import MergedTree
+from unionfs.workdir import WorkDir
+
+Maker = Callable[[int, bytes], None]  # build an object named NAME in directory fd
+
+
+class Mutations:
+    def __init__(self, tree: MergedTree, upper: Layer, work: WorkDir, copyup: CopyUp, *,
+                 oci_whiteouts: bool) -> None:
+        self.tree = tree
+        self.upper = upper
+        self.work = work
+        self.copyup = copyup
+        self.oci_whiteouts = oci_whiteouts
+        self.privileged = os.geteuid() == 0
+        prefix = whiteout.TRUSTED_PREFIX if self.privileged else whiteout.USER_PREFIX
+        self.opaque_xattr = prefix + "opaque"
+        self.redirect_xattr = prefix + "redirect"
+        self.whiteouts_made = 0
+
+    # helpers -------------------------------------------------------------------------
+    def _upper_dir(self, node: Node) -> int:
+        self.copyup.ensure_dir(node)
+        return self.upper.dir_fd(merged_path(node))
+
+    def _changed(self, parent: Node) -> None:
+        self.upper.forget_dir(merged_path(parent))
+
+    def _upper_whiteout_at(self, parent: Node, name: bytes) -> bool:
+        """Is there a whiteout for ``name`` in the upper copy of ``parent``?"""
+        if not parent.in_upper:
+            return False
+        listing = self.upper.listing(merged_path(parent))
+        return listing is not None and name in listing.whiteouts
+
+    def _make_whiteout(self, dir_fd: int, name: bytes) -> None:
+        self.whiteouts_made += 1
+        if not self.oci_whiteouts:
+            try:
+                os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dir_fd)
+                return
+            except PermissionError:
+                pass  # no whiteout devices for us here: fall back to the OCI form
+        fd = safeio.open_file(dir_fd, whiteout.oci_whiteout_name(name),
+                              os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        os.close(fd)
+
+    def _remove_oci_whiteout(self, dir_fd: int, name: bytes) -> None:
+        try:
+            os.unlink(whiteout.oci_whiteout_name(name), dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+
+    def _mark_opaque(self, dir_fd: int, name: bytes) -> None:
+        if not self.oci_whiteouts:
+            try:
+                safeio.set_xattr(dir_fd, name, self.opaque_xattr, b"y")
+                return
+            except OSError as error:
+                if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                    raise
+        child_fd = safeio.open_dir(dir_fd, name)
+        try:
+            os.close(safeio.open_file(child_fd, whiteout.OCI_OPAQUE_MARKER,
+                                      os.O_CREAT | os.O_WRONLY, 0o600))
+        finally:
+            os.close(child_fd)
+
+    def _place(self, parent: Node, name: bytes, make: Maker, *, is_dir: bool) -> int:
+        """Create a new object at ``name`` in the upper copy of ``parent``, replacing a
+        whiteout atomically; returns the upper parent fd."""
+        parent_fd = self._upper_dir(parent)
+        replacing = self._upper_whiteout_at(parent, name)
+        device_whiteout = False
+        if replacing:
+            existing = safeio.try_lstat(parent_fd, name)
+            device_whiteout = existing is not None and safeio.is_whiteout_device(existing)
+        if device_whiteout:
+            temp = self.work.temp_name()
+            make(self.work.fd, temp)
+            try:
+                if is_dir:
+                    self._mark_opaque(self.work.fd, temp)
+                    safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_EXCHANGE)
+                else:
+                    safeio.renameat2(self.work.fd, temp, parent_fd, name)
+            finally:
+                safeio.remove_tree(self.work.fd, temp)
+        else:
+            make(parent_fd, name)
+            if replacing:
+                if is_dir:
+                    self._mark_opaque(parent_fd, name)
+                self._remove_oci_whiteout(parent_fd, name)
+        self._changed(parent)
+        return parent_fd
+
+    def _chown_new(self, dir_fd: int, name: bytes, parent_fd: int, uid: int, gid: int) -> None:
+        """Give a new object to the caller (as the kernel would), when we may."""
+        if os.fstat(parent_fd).st_mode & stat.S_ISGID:
+            gid = -1  # the upper filesystem already gave it the parent's group
+        if uid == os.geteuid() and gid in (-1, os.getegid()):
+            return
+        try:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        except PermissionError:
+            pass
+
+    def _require_absent(self, parent: Node, name: bytes) -> None:
+        if self.tree.resolve(parent, name) is not None:
+            raise FileExistsError(errno.EEXIST, "exists")
+
+    def _adopt_new(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        found = self.tree.lookup(parent, name)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "vanished")
+        return found
+
+    # creation ------------------------------------------------------------------------
+    def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int,
+               gid: int) -> tuple[Node, os.stat_result, int]:
+        self._require_absent(parent, name)
+        opened: list[int] = []
+        open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | (flags & os.O_APPEND)
+
+        def make(dir_fd: int, target: bytes) -> None:
+            fd = safeio.open_file(dir_fd, target, open_flags, stat.S_IMODE(mode))
+            opened.append(fd)
+            self._chown_new_fd(fd, dir_fd, uid, gid)
+
+        try:
+            self._place(parent, name, make, is_dir=False)
+            node, st = self._adopt_new(parent, name)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        return node, st, opened[0]
+
+    def _chown_new_fd(self, fd: int, parent_fd: int, uid: int, gid: int) -> None:
+        if os.fstat(parent_fd).st_mode & stat.S_ISGID:
+            gid = -1
+        if uid == os.geteuid() and gid in (-1, os.getegid()):
+            return
+        try:
+            os.fchown(fd, uid, gid)
+        except PermissionError:
+            pass
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int,
+              gid: int) -> tuple[Node, os.stat_result]:
+        self._require_absent(parent, name)
+
+        def make(dir_fd: int, target: bytes) -> None:
+            os.mkdir(target, stat.S_IMODE(mode), dir_fd=dir_fd)
+            self._chown_new(dir_fd, target, dir_fd, uid, gid)
+
+        self._place(parent, name, make, is_dir=True)
+        return self._adopt_new(parent, name)
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int,
+              gid: int) -> tuple[Node, os.stat_result]:
+        self._require_absent(parent, name)
+
+        def make(dir_fd: int, target: bytes) -> None:
+            os.mknod(target, mode, rdev, dir_fd=dir_fd)
+            self._chown_new(dir_fd, target, dir_fd, uid, gid)
+
+        self._place(parent, name, make, is_dir=False)
+        return self._adopt_new(parent, name)
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, uid: int,
+                gid: int) -> tuple[Node, os.stat_result]:
+        self._require_absent(parent, name)
+
+        def make(dir_fd: int, link_name: bytes) -> None:
+            os.symlink(target, link_name, dir_fd=dir_fd)
+            self._chown_new(dir_fd, link_name, dir_fd, uid, gid)
+
+        self._place(parent, name, make, is_dir=False)
+        return self._adopt_new(parent, name)
+
+    async def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        if node.is_dir:
+            raise PermissionError(errno.EPERM, "hard link to a directory")
+        self._require_absent(parent, name)
+        await self.copyup.ensure_file(node)
+        source_path = self.tree.upper_path(node)
+        source_fd = self.upper.dir_fd(source_path[:-1])
+
+        def make(dir_fd: int, target: bytes) -> None:
+            os.link(source_path[-1], target, src_dir_fd=source_fd, dst_dir_fd=dir_fd,
+                    follow_symlinks=False)
+
+        self._place(parent, name, make, is_dir=False)
+        node.links[(parent, name)] = True
+        return node, self.tree.stat(node)
+
+    # removal -------------------------------------------------------------------------
+    def _resolve_existing(self, parent: Node, name: bytes) -> tuple[Resolved, Node]:
+        resolved = self.tree.resolve(parent, name)
+        if resolved is None:
+            raise FileNotFoundError(errno.ENOENT, "no such entry")
+        node, _ = self.tree.adopt(parent, name, resolved)
+        return resolved, node
+
+    def unlink(self, parent: Node, name: bytes) -> Node:
+        resolved, node = self._resolve_existing(parent, name)
+        if node.is_dir:
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        parent_fd = self._upper_dir(parent)
+        if resolved.in_upper:
+            upper_st = safeio.lstat(parent_fd, name)
+            if resolved.has_lower:
+                self._replace_with_whiteout(parent_fd, name, is_dir=False)
+            else:
+                os.unlink(name, dir_fd=parent_fd)
+            if upper_st.st_nlink <= 1:
+                self.tree.inodes.drop_key((upper_st.st_dev, upper_st.st_ino), node)
+                if not any(in_upper for link, in_upper in node.links.items()
+                           if link != (parent, name)):
+                    node.in_upper = False
+        else:
+            self._make_whiteout(parent_fd, name)
+            node.lower_links_consumed += 1
+        node.links.pop((parent, name), None)
+        if not node.links and not node.in_upper:
+            node.lower = [] if node.lower_links_consumed >= node.lower_nlink else node.lower
+        self._changed(parent)
+        return node
+
+    def _replace_with_whiteout(self, parent_fd: int, name: bytes, *, is_dir: bool) -> None:
+        """Atomically turn an upper entry into a whiteout (the old object is removed)."""
+        temp = self.work.temp_name()
+        if self.oci_whiteouts:
+            safeio.renameat2(parent_fd, name, self.work.fd, temp)
+            self._make_whiteout(parent_fd, name)
+            safeio.remove_tree(self.work.fd, temp)
+            return
+        try:
+            os.mknod(temp, stat.S_IFCHR, 0, dir_fd=self.work.fd)
+        except PermissionError:
+            safeio.renameat2(parent_fd, name, self.work.fd, temp)
+            self._make_whiteout(parent_fd, name)
+            safeio.remove_tree(self.work.fd, temp)
+            return
+        self.whiteouts_made += 1
+        if is_dir:
+            safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_EXCHANGE)
+        else:
+            safeio.renameat2(self.work.fd, temp, parent_fd, name)
+        safeio.remove_tree(self.work.fd, temp)
+
+    def rmdir(self, parent: Node, name: bytes) -> Node:
+        resolved, node = self._resolve_existing(parent, name)
+        if not node.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        if not self.tree.stack.is_empty(resolved.sources):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+        parent_fd = self._upper_dir(parent)
+        path = link_path(parent, name)
+        if resolved.in_upper:
+            upper_st = safeio.lstat(parent_fd, name)
+            if resolved.has_lower:
+                self._replace_with_whiteout(parent_fd, name, is_dir=True)
+            else:
+                temp = self.work.temp_name()
+                safeio.renameat2(parent_fd, name, self.work.fd, temp)
+                safeio.remove_tree(self.work.fd, temp)
+            self.tree.inodes.drop_key((upper_st.st_dev, upper_st.st_ino), node)
+        else:
+            self._make_whiteout(parent_fd, name)
+        self.upper.forget_dir(path, subtree=True)
+        node.links.clear()
+        node.in_upper = False
+        node.lower = []
+        self._changed(parent)
+        return node
+
+    # rename --------------------------------------------------------------------------
+    async def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
+                     flags: int) -> Node | None:
+        """Returns the node that lost its name at the target (if any)."""
+        source_resolved, source = self._resolve_existing(old_parent, old_name)
+        target_resolved = self.tree.resolve(new_parent, new_name)
+        exchange = bool(flags & safeio.RENAME_EXCHANGE)
+        if flags & safeio.RENAME_NOREPLACE and target_resolved is not None:
+            raise FileExistsError(errno.EEXIST, "target exists")
+        if exchange and target_resolved is None:
+            raise FileNotFoundError(errno.ENOENT, "no target to exchange with")
+        target: Node | None = None
+        if target_resolved is not None:
+            target, _ = self.tree.adopt(new_parent, new_name, target_resolved)
+            if target is source:
+                return None
+            if not exchange:
+                if source.is_dir and not target.is_dir:
+                    raise NotADirectoryError(errno.ENOTDIR, "target is not a directory")
+                if not source.is_dir and target.is_dir:
+                    raise IsADirectoryError(errno.EISDIR, "target is a directory")
+                if target.is_dir and not self.tree.stack.is_empty(target_resolved.sources):
+                    raise OSError(errno.ENOTEMPTY, "target directory not empty")
+        if source.is_dir and self._is_ancestor(source, new_parent):
+            raise OSError(errno.EINVAL, "cannot move a directory into itself")
+
+        await self.copyup.ensure_file(source)
+        if exchange and target is not None:
+            await self.copyup.ensure_file(target)
+        old_fd = self._upper_dir(old_parent)
+        new_fd = self._upper_dir(new_parent)
+        old_path = link_path(old_parent, old_name)
+        new_path = link_path(new_parent, new_name)
+
+        if exchange and target is not None:
+            self._prepare_moved_dir(source, new_parent, new_name, old_fd, old_name)
+            self._prepare_moved_dir(target, old_parent, old_name, new_fd, new_name)
+            safeio.renameat2(old_fd, old_name, new_fd, new_name, safeio.RENAME_EXCHANGE)
+            self._relink(source, old_parent, old_name, new_parent, new_name)
+            self._relink(target, new_parent, new_name, old_parent, old_name)
+            self.upper.forget_dir(old_path, subtree=True)
+            self.upper.forget_dir(new_path, subtree=True)
+            self._changed(old_parent)
+            self._changed(new_parent)
+            return None
+
+        self._prepare_moved_dir(source, new_parent, new_name, old_fd, old_name)
+        replaced_st: os.stat_result | None = None
+        target_upper = safeio.try_lstat(new_fd, new_name)
+        if target_upper is not None and stat.S_ISDIR(target_upper.st_mode):
+            # An empty-in-the-merged-view upper directory may still hold whiteouts: move it
+            # out of the way first (the moved directory is already redirected or opaque).
+            temp = self.work.temp_name()
+            safeio.renameat2(new_fd, new_name, self.work.fd, temp)
+            safeio.remove_tree(self.work.fd, temp)
+            replaced_st = target_upper
+            target_upper = None
+        elif target_upper is not None and not safeio.is_whiteout_device(target_upper):
+            replaced_st = target_upper
+        moved_dir_over_device = (source.is_dir and target_upper is not None
+                                 and safeio.is_whiteout_device(target_upper))
+        if moved_dir_over_device:
+            safeio.renameat2(old_fd, old_name, new_fd, new_name, safeio.RENAME_EXCHANGE)
+            if source_resolved.has_lower:
+                self.whiteouts_made += 1  # the exchanged whiteout now hides the old name
+            else:
+                os.unlink(old_name, dir_fd=old_fd)
+        elif source_resolved.has_lower:
+            self._rename_leaving_whiteout(old_fd, old_name, new_fd, new_name)
+        else:
+            safeio.renameat2(old_fd, old_name, new_fd, new_name)
+        if self.oci_whiteouts or not moved_dir_over_device:
+            self._remove_oci_whiteout(new_fd, new_name)
+        if replaced_st is not None and target is not None and replaced_st.st_nlink <= 1:
+            self.tree.inodes.drop_key((replaced_st.st_dev, replaced_st.st_ino), target)
+        if target is not None:
+            target.links.pop((new_parent, new_name), None)
+            if target.is_dir or not any(target.links.values()):
+                target.in_upper = False
+        self._relink(source, old_parent, old_name, new_parent, new_name)
+        self.upper.forget_dir(old_path, subtree=True)
+        self.upper.forget_dir(new_path, subtree=True)
+        self._changed(old_parent)
+        self._changed(new_parent)
+        return target
+
+    def _rename_leaving_whiteout(self, old_fd: int, old_name: bytes, new_fd: int,
+                                 new_name: bytes) -> None:
+        self.whiteouts_made += 1
+        if not self.oci_whiteouts:
+            try:
+                safeio.renameat2(old_fd, old_name, new_fd, new_name, safeio.RENAME_WHITEOUT)
+                return
+            except OSError as error:
+                if error.errno not in (errno.EINVAL, errno.EPERM, errno.ENOTSUP):
+                    raise
+        safeio.renameat2(old_fd, old_name, new_fd, new_name)
+        self.whiteouts_made -= 1
+        self._make_whiteout(old_fd, old_name)
+
+    def _prepare_moved_dir(self, node: Node, new_parent: Node, new_name: bytes,
+                           dir_fd: int, name: bytes) -> None:
+        """Before a directory moves: a redirect keeps its lower content; a pure upper
+        directory landing where lower layers hold the name must hide them (opaque)."""
+        if not node.is_dir:
+            return
+        if node.lower:
+            value = whiteout.encode_redirect(node.lower[0].path)
+            safeio.set_xattr(dir_fd, name, self.redirect_xattr, value)
+        else:
+            lower_sources = [s for s in self.tree.dir_sources(new_parent)
+                             if not s.layer.writable]
+            if self.tree.stack._lower_has(lower_sources, new_name, None):
+                self._mark_opaque(dir_fd, name)
+
+    def _relink(self, node: Node, old_parent: Node, old_name: bytes, new_parent: Node,
+                new_name: bytes) -> None:
+        if node.is_dir:
+            node.set_only_link(new_parent, new_name, in_upper=True)
+        else:
+            node.links.pop((old_parent, old_name), None)
+            node.links[(new_parent, new_name)] = True
+
+    @staticmethod
+    def _is_ancestor(node: Node, candidate: Node) -> bool:
+        current: Node | None = candidate
+        depth = 0
+        while current is not None and depth < 4096:
+            if current is node:
+                return True
+            link = current.primary_link()
+            current = link[0] if link else None
+            depth += 1
+        return False
+
+    # attributes ----------------------------------------------------------------------
+    async def prepare_metadata_change(self, node: Node, *, truncate_to_zero: bool = False) -> None:
+        if node.is_dir:
+            self.copyup.ensure_dir(node)
+        else:
+            await self.copyup.ensure_file(node, with_data=not truncate_to_zero)
+
+    def upper_location(self, node: Node) -> tuple[int, bytes | None]:
+        if node.ino == self.tree.root.ino:
+            return self.upper.root_fd, None
+        path = self.tree.upper_path(node)
+        return self.upper.dir_fd(path[:-1]), path[-1]

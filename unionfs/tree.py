@@ -1,0 +1,152 @@
+"""The merged tree: layers + inode table, and the read side of every request.
+
+``MergedTree`` turns (parent node, name) into nodes with stable inode numbers, gives each
+node's current attributes (one ``lstat``), opens a node's data for reading and snapshots
+merged directory listings. The write side (mutations, copyup) works on the same object.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from unionfs import safeio
+from unionfs.inodes import InodeTable, Node, link_path, merged_path
+from unionfs.layer import Layer
+from unionfs.stack import Resolved, Source, Stack
+
+
+class MergedTree:
+    def __init__(self, layers: list[Layer]) -> None:
+        self.stack = Stack(layers)
+        self.upper: Layer | None = self.stack.upper
+        self.inodes = InodeTable(self.stack.root_sources(), root_in_upper=self.upper is not None)
+
+    @property
+    def root(self) -> Node:
+        return self.inodes.root
+
+    def close(self) -> None:
+        for layer in self.stack.layers:
+            layer.close()
+
+    # sources -------------------------------------------------------------------------
+    def dir_sources(self, node: Node) -> list[Source]:
+        """The merged sources of a directory node, top first."""
+        if not node.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        sources: list[Source] = []
+        if node.in_upper and self.upper is not None:
+            sources.append(Source(self.upper, merged_path(node)))
+        sources.extend(node.lower)
+        return sources
+
+    def upper_path(self, node: Node) -> tuple[bytes, ...]:
+        """Path of the node's upper object (it must have one)."""
+        if node.is_dir:
+            return merged_path(node)
+        link = node.upper_link()
+        if link is None:
+            raise FileNotFoundError(errno.ENOENT, "no upper object")
+        return link_path(*link)
+
+    # lookup --------------------------------------------------------------------------
+    def resolve(self, parent: Node, name: bytes) -> Resolved | None:
+        return self.stack.resolve(self.dir_sources(parent), name)
+
+    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
+        resolved = self.resolve(parent, name)
+        if resolved is None:
+            return None
+        return self.adopt(parent, name, resolved)
+
+    def adopt(self, parent: Node, name: bytes, resolved: Resolved) -> tuple[Node, os.stat_result]:
+        """Find or make the node for a resolved name and record the link."""
+        top = resolved.top
+        st = top.layer.lstat(top.path)
+        key = (st.st_dev, st.st_ino)
+        lower = [source for source in resolved.sources if not source.layer.writable]
+        node = self.inodes.node_for_key(key)
+        if node is not None and node.kind != resolved.kind:
+            self.inodes.drop_key(key, node)
+            node = None
+        if node is None:
+            node = self.inodes.new_node(key, resolved.kind, lower)
+            node.in_upper = resolved.in_upper
+            if not resolved.in_upper and not node.is_dir:
+                node.lower_nlink = st.st_nlink
+        if node.is_dir:
+            node.lower = lower
+            node.in_upper = resolved.in_upper
+            node.set_only_link(parent, name, in_upper=resolved.in_upper)
+        else:
+            if resolved.in_upper:
+                node.in_upper = True
+            elif not node.lower:
+                node.lower = lower
+                node.lower_nlink = max(node.lower_nlink, st.st_nlink)
+            node.links[(parent, name)] = resolved.in_upper
+        if node.in_upper and not resolved.in_upper and not node.is_dir:
+            # A lower hard link of a file already copied up shows the upper copy.
+            st = self.stat(node)
+        return node, st
+
+    # attributes ----------------------------------------------------------------------
+    def stat(self, node: Node) -> os.stat_result:
+        if node.in_upper and self.upper is not None:
+            try:
+                return self.upper.lstat(self.upper_path(node))
+            except FileNotFoundError:
+                if not node.open_fds:
+                    raise
+        elif node.lower:
+            top = node.lower[0]
+            return top.layer.lstat(top.path)
+        for fd in node.open_fds:
+            return os.fstat(fd)
+        raise FileNotFoundError(errno.ENOENT, "node is gone")
+
+    def nlink(self, node: Node, st: os.stat_result) -> int:
+        if node.is_dir:
+            return 1 if len(node.lower) + int(node.in_upper) > 1 else st.st_nlink
+        remaining_lower = max(node.lower_nlink - node.lower_links_consumed, 0) if node.lower else 0
+        if node.in_upper:
+            return st.st_nlink + remaining_lower
+        return max(remaining_lower, 1)
+
+    # data ----------------------------------------------------------------------------
+    def open_for_read(self, node: Node) -> int:
+        """An fd on the node's current data (upper copy if any, else the top lower file)."""
+        if node.in_upper and self.upper is not None:
+            parent_fd, name = self.upper.parent_and_name(self.upper_path(node))
+            return safeio.open_file(parent_fd, name, os.O_RDONLY)
+        if not node.lower:
+            raise FileNotFoundError(errno.ENOENT, "node is gone")
+        top = node.lower[0]
+        parent_fd, name = top.layer.parent_and_name(top.path)
+        return safeio.open_lower_file(parent_fd, name)
+
+    def readlink(self, node: Node) -> bytes:
+        if not stat.S_ISLNK(node.kind):
+            raise OSError(errno.EINVAL, "not a symlink")
+        if node.in_upper and self.upper is not None:
+            parent_fd, name = self.upper.parent_and_name(self.upper_path(node))
+        else:
+            top = node.lower[0]
+            parent_fd, name = top.layer.parent_and_name(top.path)
+        return safeio.readlink(parent_fd, name)
+
+    def top_location(self, node: Node) -> tuple[int, bytes | None]:
+        """(directory fd, name) reaching the node's top object; name None means the fd
+        itself (the root of a layer)."""
+        if node.ino == self.root.ino:
+            layer = self.upper if self.upper is not None else node.lower[0].layer
+            return layer.root_fd, None
+        if node.in_upper and self.upper is not None:
+            return self.upper.parent_and_name(self.upper_path(node))
+        top = node.lower[0]
+        return top.layer.parent_and_name(top.path)
+
+    def list_dir(self, node: Node) -> list[tuple[bytes, int]]:
+        return self.stack.list_merged(self.dir_sources(node))

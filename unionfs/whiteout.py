@@ -1,0 +1,86 @@
+"""Pure encoding of whiteouts, opaque markers and redirects, in both on-disk formats.
+
+Overlay (kernel) format: a whiteout is a character device 0/0; an opaque directory carries
+``trusted.overlay.opaque=y`` (``user.overlay.opaque=y`` unprivileged); a renamed lower
+directory carries ``overlay.redirect``. Since Linux 6.7 a whiteout may also be a zero-size
+regular file with ``overlay.whiteout`` inside a directory marked ``overlay.opaque=x``.
+OCI format: ``.wh.NAME`` hides NAME in lower layers; ``.wh..wh..opq`` makes its directory opaque.
+fuse-overlayfs also writes ``user.fuseoverlayfs.opaque``.
+"""
+
+from __future__ import annotations
+
+OCI_WHITEOUT_PREFIX = b".wh."
+OCI_OPAQUE_MARKER = b".wh..wh..opq"
+
+TRUSTED_PREFIX = "trusted.overlay."
+USER_PREFIX = "user.overlay."
+FUSE_OVERLAYFS_PREFIX = "user.fuseoverlayfs."
+PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX, FUSE_OVERLAYFS_PREFIX)
+
+OPAQUE_XATTRS = (
+    TRUSTED_PREFIX + "opaque",
+    USER_PREFIX + "opaque",
+    FUSE_OVERLAYFS_PREFIX + "opaque",
+)
+REDIRECT_XATTRS = (TRUSTED_PREFIX + "redirect", USER_PREFIX + "redirect")
+WHITEOUT_XATTRS = (TRUSTED_PREFIX + "whiteout", USER_PREFIX + "whiteout")
+
+
+def is_private_xattr(name: str) -> bool:
+    """Overlay bookkeeping xattrs are never shown through the merged view."""
+    return name.startswith(PRIVATE_PREFIXES)
+
+
+def oci_whiteout_target(name: bytes) -> bytes | None:
+    """The name hidden by an OCI whiteout file ``name``, or None if it is not one.
+
+    ``.wh..wh..opq`` is the opaque marker, not a whiteout; ``.wh.`` with an empty, ``.`` or
+    ``..`` target is malformed and hides nothing.
+    """
+    if not name.startswith(OCI_WHITEOUT_PREFIX) or name == OCI_OPAQUE_MARKER:
+        return None
+    target = name[len(OCI_WHITEOUT_PREFIX) :]
+    if target in (b"", b".", b"..") or b"/" in target:
+        return None
+    return target
+
+
+def is_hidden_name(name: bytes) -> bool:
+    """Names that never appear in the merged view (every ``.wh.`` name)."""
+    return name.startswith(OCI_WHITEOUT_PREFIX)
+
+
+def oci_whiteout_name(name: bytes) -> bytes:
+    return OCI_WHITEOUT_PREFIX + name
+
+
+def opaque_value_means_opaque(value: bytes | None) -> bool:
+    return value is not None and value.rstrip(b"\0") == b"y"
+
+
+def opaque_value_allows_xattr_whiteouts(value: bytes | None) -> bool:
+    return value is not None and value.rstrip(b"\0") == b"x"
+
+
+def parse_redirect(value: bytes | None) -> tuple[bool, tuple[bytes, ...]] | None:
+    """Decode an ``overlay.redirect`` value to (absolute, components), None if invalid.
+
+    Absolute redirects (``/a/b``) are looked up from the layer root; a relative one is a
+    single name in the same parent directory. Components that would climb (``..``) or are
+    empty make the whole value invalid, so a hostile layer cannot redirect outside itself.
+    """
+    if not value:
+        return None
+    value = value.rstrip(b"\0")
+    absolute = value.startswith(b"/")
+    parts = tuple(part for part in value.split(b"/") if part)
+    if not parts or any(part in (b".", b"..") for part in parts):
+        return None
+    if not absolute and len(parts) != 1:
+        return None
+    return absolute, parts
+
+
+def encode_redirect(path: tuple[bytes, ...]) -> bytes:
+    return b"/" + b"/".join(path)

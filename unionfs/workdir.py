@@ -1,0 +1,50 @@
+"""The work directory: a private scratch area on the upper layer's filesystem.
+
+Copy-ups and replacements are built here under temporary names and then renamed into the
+upper layer, so no one can ever see a half-made object. Its subdirectory ``work`` is the
+one kernel overlayfs uses for the same purpose (and empties at mount), so the two stay
+compatible. Leftovers from a crash are removed when a mount starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+
+from unionfs import safeio
+
+WORK_NAME = b"work"
+TEMP_PREFIX = b"#unionfs."
+
+
+class WorkDir:
+    def __init__(self, path: str, upper_device: int) -> None:
+        self.path = path
+        base_fd = safeio.open_root(path)
+        try:
+            if os.fstat(base_fd).st_dev != upper_device:
+                raise OSError(errno.EXDEV, "workdir must be on the same filesystem as the upper")
+            try:
+                os.mkdir(WORK_NAME, 0o700, dir_fd=base_fd)
+            except FileExistsError:
+                pass
+            self.fd = safeio.open_dir(base_fd, WORK_NAME)
+        finally:
+            os.close(base_fd)
+        self._counter = itertools.count()
+        self.clean()
+
+    def temp_name(self) -> bytes:
+        return b"%s%d.%d" % (TEMP_PREFIX, os.getpid(), next(self._counter))
+
+    def clean(self) -> int:
+        """Remove everything left in the work area (orphans of an interrupted operation)."""
+        removed = 0
+        for name, _kind in safeio.list_dir(self.fd):
+            safeio.remove_tree(self.fd, name)
+            removed += 1
+        return removed
+
+    def close(self) -> None:
+        os.close(self.fd)
