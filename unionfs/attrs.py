@@ -7,13 +7,15 @@ import os
 import pyfuse3
 
 
-def entry_attributes(st: os.stat_result, ino: int, nlink: int, timeout: float) -> pyfuse3.EntryAttributes:
+def entry_attributes(
+    st: os.stat_result, ino: int, nlink: int, timeout: float
+) -> pyfuse3.EntryAttributes:
     attributes = pyfuse3.EntryAttributes()
-    attributes.st_ino = ino  # type: ignore[assignment]
+    attributes.st_ino = ino
     attributes.generation = 0
     attributes.entry_timeout = timeout
     attributes.attr_timeout = timeout
-    attributes.st_mode = st.st_mode  # type: ignore[assignment]
+    attributes.st_mode = st.st_mode
     attributes.st_nlink = nlink
     attributes.st_uid = st.st_uid
     attributes.st_gid = st.st_gid
@@ -30,6 +32,6 @@ def entry_attributes(st: os.stat_result, ino: int, nlink: int, timeout: float) -
 def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
     """A cacheable "no such entry" answer (st_ino 0)."""
     attributes = pyfuse3.EntryAttributes()
-    attributes.st_ino = 0  # type: ignore[assignment]
+    attributes.st_ino = 0
     attributes.entry_timeout = timeout
     return attributes

@@ -36,45 +36,75 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="unionfs", description="A userspace union filesystem for container "
-                    "image layers.", epilog=EXIT_CODES,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="unionfs",
+        description="A userspace union filesystem for container image layers.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"unionfs {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     mount_parser = commands.add_parser(
-        "mount", help="mount layers (base first) as one merged tree",
+        "mount",
+        help="mount layers (base first) as one merged tree",
         description="Mount LAYERs (base layer first, as in an OCI manifest) at MOUNTPOINT. "
-        "Without --upper the mount is read-only.", epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "Without --upper the mount is read-only.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mount_parser.add_argument("--upper", metavar="DIR", help="writable layer (created if missing)")
-    mount_parser.add_argument("--workdir", metavar="DIR",
-                              help="scratch dir on the upper's filesystem "
-                              "(default: .UPPER.unionfs-work beside the upper)")
-    mount_parser.add_argument("-f", "--foreground", action="store_true",
-                              help="stay in the foreground; SIGINT/SIGTERM unmount")
-    mount_parser.add_argument("-o", dest="options", action="append", default=[],
-                              metavar="OPT[,OPT...]", help="mount options (allow_other, ro, "
-                              "timeout=SECONDS, fsync=0, ...; fuse-overlayfs names accepted)")
-    mount_parser.add_argument("--whiteout-format", choices=("overlay", "oci"), default="overlay",
-                              help="how deletions are written to the upper (default: overlay)")
+    mount_parser.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="scratch dir on the upper's filesystem "
+        "(default: .UPPER.unionfs-work beside the upper)",
+    )
+    mount_parser.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground; SIGINT/SIGTERM unmount",
+    )
+    mount_parser.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="mount options (allow_other, ro, "
+        "timeout=SECONDS, fsync=0, ...; fuse-overlayfs names accepted)",
+    )
+    mount_parser.add_argument(
+        "--whiteout-format",
+        choices=("overlay", "oci"),
+        default="overlay",
+        help="how deletions are written to the upper (default: overlay)",
+    )
     mount_parser.add_argument("--debug", action="store_true", help="log every request")
     mount_parser.add_argument("--log", metavar="FILE", help="write the daemon's log to FILE")
     mount_parser.add_argument("paths", nargs="+", metavar="LAYER... MOUNTPOINT")
 
     for name in ("umount", "unmount"):
         umount_parser = commands.add_parser(
-            name, help="unmount a unionfs mount" if name == "umount" else argparse.SUPPRESS,
+            name,
+            help="unmount a unionfs mount" if name == "umount" else argparse.SUPPRESS,
             description="Unmount MOUNTPOINT (through fusermount3, so no root is needed).",
-            epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         umount_parser.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
 
 
 def build_overlay_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="unionfs", description="fuse-overlayfs compatible form: "
-                    "unionfs -o lowerdir=TOP:...:BASE[,upperdir=U,workdir=W] MOUNTPOINT",
-                    epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="unionfs",
+        description="fuse-overlayfs compatible form: "
+        "unionfs -o lowerdir=TOP:...:BASE[,upperdir=U,workdir=W] MOUNTPOINT",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-o", dest="options", action="append", default=[])
     parser.add_argument("-f", dest="foreground", action="store_true")
     parser.add_argument("-d", "--debug", action="store_true")
@@ -104,18 +134,29 @@ def parse(argv: Sequence[str]) -> tuple[str, MountConfig | str]:
         return "umount", args.mountpoint
     if len(args.paths) < 2:
         raise OptionError("mount needs at least one LAYER and a MOUNTPOINT")
-    config = MountConfig(lowers=list(args.paths[:-1]), mountpoint=args.paths[-1],
-                         upper=args.upper, workdir=args.workdir, foreground=args.foreground,
-                         debug=args.debug, log_file=args.log,
-                         whiteout_format=args.whiteout_format)
+    config = MountConfig(
+        lowers=list(args.paths[:-1]),
+        mountpoint=args.paths[-1],
+        upper=args.upper,
+        workdir=args.workdir,
+        foreground=args.foreground,
+        debug=args.debug,
+        log_file=args.log,
+        whiteout_format=args.whiteout_format,
+    )
     _config_from_options(args.options, config)
     return "mount", config
 
 
 def _parse_overlay_form(argv: Sequence[str]) -> MountConfig:
     args = build_overlay_parser().parse_args(argv)
-    config = MountConfig(lowers=[], mountpoint=args.paths[-1], foreground=args.foreground,
-                         debug=args.debug, log_file=args.log)
+    config = MountConfig(
+        lowers=[],
+        mountpoint=args.paths[-1],
+        foreground=args.foreground,
+        debug=args.debug,
+        log_file=args.log,
+    )
     if len(args.paths) > 2:
         raise OptionError("expected [SOURCE] MOUNTPOINT")
     _config_from_options(args.options, config)

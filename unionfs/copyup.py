@@ -45,8 +45,9 @@ def apply_path_metadata(dir_fd: int, name: bytes, st: os.stat_result, *, symlink
 
 
 class CopyUp:
-    def __init__(self, tree: MergedTree, upper: Layer, work: WorkDir,
-                 run_in_thread: RunInThread) -> None:
+    def __init__(
+        self, tree: MergedTree, upper: Layer, work: WorkDir, run_in_thread: RunInThread
+    ) -> None:
         self.tree = tree
         self.upper = upper
         self.work = work
@@ -70,11 +71,16 @@ class CopyUp:
         temp = self.work.temp_name()
         os.mkdir(temp, 0o700, dir_fd=self.work.fd)
         try:
-            safeio.copy_xattrs(source_fd, source_name, self.work.fd, temp,
-                               skip=whiteout.PRIVATE_PREFIXES)
+            safeio.copy_xattrs(
+                source_fd, source_name, self.work.fd, temp, skip=whiteout.PRIVATE_PREFIXES
+            )
             apply_path_metadata(self.work.fd, temp, st, symlink=False)
-            os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=self.work.fd,
-                     follow_symlinks=False)
+            os.utime(
+                temp,
+                ns=(st.st_atime_ns, st.st_mtime_ns),
+                dir_fd=self.work.fd,
+                follow_symlinks=False,
+            )
             safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_NOREPLACE)
         except BaseException:
             safeio.remove_tree(self.work.fd, temp)
@@ -114,21 +120,30 @@ class CopyUp:
         node.links[(parent, name)] = True
         self.upper.forget_dir(merged_path(parent))
 
-    async def _copy_regular(self, source_dir_fd: int, source_name: bytes, st: os.stat_result,
-                            parent_fd: int, name: bytes, with_data: bool) -> None:
+    async def _copy_regular(
+        self,
+        source_dir_fd: int,
+        source_name: bytes,
+        st: os.stat_result,
+        parent_fd: int,
+        name: bytes,
+        with_data: bool,
+    ) -> None:
         source_fd = safeio.open_lower_file(source_dir_fd, source_name)
         try:
             anonymous = True
             try:
-                target_fd = os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                                    dir_fd=parent_fd)
+                target_fd = os.open(
+                    b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=parent_fd
+                )
             except OSError as error:
                 if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
                 anonymous = False
                 temp = self.work.temp_name()
-                target_fd = safeio.open_file(self.work.fd, temp,
-                                             os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                target_fd = safeio.open_file(
+                    self.work.fd, temp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600
+                )
             try:
                 size = st.st_size if with_data else 0
 
@@ -140,8 +155,9 @@ class CopyUp:
                 else:
                     copied = copy()
                 self.bytes_copied += copied
-                safeio.copy_xattrs(source_dir_fd, source_name, target_fd, None,
-                                   skip=whiteout.PRIVATE_PREFIXES)
+                safeio.copy_xattrs(
+                    source_dir_fd, source_name, target_fd, None, skip=whiteout.PRIVATE_PREFIXES
+                )
                 apply_metadata(target_fd, st)
                 os.utime(target_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
                 if anonymous:
@@ -160,8 +176,14 @@ class CopyUp:
         finally:
             os.close(source_fd)
 
-    def _copy_special(self, source_dir_fd: int, source_name: bytes, st: os.stat_result,
-                      parent_fd: int, name: bytes) -> None:
+    def _copy_special(
+        self,
+        source_dir_fd: int,
+        source_name: bytes,
+        st: os.stat_result,
+        parent_fd: int,
+        name: bytes,
+    ) -> None:
         temp = self.work.temp_name()
         symlink = stat.S_ISLNK(st.st_mode)
         if symlink:
@@ -169,11 +191,16 @@ class CopyUp:
         else:
             os.mknod(temp, st.st_mode, st.st_rdev, dir_fd=self.work.fd)
         try:
-            safeio.copy_xattrs(source_dir_fd, source_name, self.work.fd, temp,
-                               skip=whiteout.PRIVATE_PREFIXES)
+            safeio.copy_xattrs(
+                source_dir_fd, source_name, self.work.fd, temp, skip=whiteout.PRIVATE_PREFIXES
+            )
             apply_path_metadata(self.work.fd, temp, st, symlink=symlink)
-            os.utime(temp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=self.work.fd,
-                     follow_symlinks=False)
+            os.utime(
+                temp,
+                ns=(st.st_atime_ns, st.st_mtime_ns),
+                dir_fd=self.work.fd,
+                follow_symlinks=False,
+            )
             safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_NOREPLACE)
         except BaseException:
             try:
@@ -181,4 +208,3 @@ class CopyUp:
             except OSError:
                 pass
             raise
-

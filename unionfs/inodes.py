@@ -93,8 +93,9 @@ class InodeTable:
         self._numbers = itertools.count(ROOT_INODE + 1)
         self.nodes: dict[int, Node] = {}
         self.keys: dict[tuple[int, int], int] = {}
-        self.root = Node(ROOT_INODE, stat.S_IFDIR, [s for s in root_sources
-                                                     if not s.layer.writable])
+        self.root = Node(
+            ROOT_INODE, stat.S_IFDIR, [s for s in root_sources if not s.layer.writable]
+        )
         self.root.in_upper = root_in_upper
         self.root.lookups = 1
         self.nodes[ROOT_INODE] = self.root

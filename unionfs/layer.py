@@ -155,4 +155,6 @@ class Layer:
         st = safeio.try_lstat(fd, name)
         if st is None or st.st_size != 0:
             return False
-        return any(safeio.get_xattr(fd, name, attr) is not None for attr in whiteout.WHITEOUT_XATTRS)
+        return any(
+            safeio.get_xattr(fd, name, attr) is not None for attr in whiteout.WHITEOUT_XATTRS
+        )

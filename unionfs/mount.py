@@ -57,8 +57,12 @@ def mounted_paths() -> set[str]:
             fields = line.split()
             if len(fields) > 4:
                 path = fields[4].decode("utf-8", "surrogateescape")
-                paths.add(path.replace("\\040", " ").replace("\\011", "\t")
-                          .replace("\\012", "\n").replace("\\134", "\\"))
+                paths.add(
+                    path.replace("\\040", " ")
+                    .replace("\\011", "\t")
+                    .replace("\\012", "\n")
+                    .replace("\\134", "\\")
+                )
     return paths
 
 
@@ -103,8 +107,9 @@ def validate(config: MountConfig) -> None:
             try:
                 os.makedirs(config.upper, 0o755)
             except PermissionError:
-                raise MountError(EXIT_PERMISSION,
-                                 f"cannot create upper {config.upper}: permission denied") from None
+                raise MountError(
+                    EXIT_PERMISSION, f"cannot create upper {config.upper}: permission denied"
+                ) from None
         upper = _check_directory(config.upper, "upper", write=True)
         if upper in seen:
             raise MountError(EXIT_LAYER, f"directory {config.upper} is given twice")
@@ -119,8 +124,10 @@ def validate(config: MountConfig) -> None:
             try:
                 os.makedirs(config.workdir, 0o700)
             except PermissionError:
-                raise MountError(EXIT_PERMISSION, f"cannot create workdir {config.workdir}: "
-                                 "permission denied (pass --workdir)") from None
+                raise MountError(
+                    EXIT_PERMISSION,
+                    f"cannot create workdir {config.workdir}: permission denied (pass --workdir)",
+                ) from None
         work = _check_directory(config.workdir, "workdir", write=True)
         if _inside(work, upper) or _inside(upper, work):
             raise MountError(EXIT_LAYER, "workdir and upper must not contain each other")
@@ -165,10 +172,14 @@ def _check_fuse() -> None:
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise MountError(EXIT_FUSE, "/dev/fuse does not exist (is the fuse module loaded?)") from None
+        raise MountError(
+            EXIT_FUSE, "/dev/fuse does not exist (is the fuse module loaded?)"
+        ) from None
     except PermissionError:
-        raise MountError(EXIT_FUSE, "/dev/fuse: permission denied "
-                         "(it should be mode 0666; ask your administrator)") from None
+        raise MountError(
+            EXIT_FUSE,
+            "/dev/fuse: permission denied (it should be mode 0666; ask your administrator)",
+        ) from None
     except OSError as error:
         raise MountError(EXIT_FUSE, f"/dev/fuse is unusable: {error.strerror}") from None
     os.close(fd)
@@ -311,12 +322,13 @@ def _daemonize(config: MountConfig) -> int:
             prepared = prepare(config)
             serve(config, prepared, ready)
         except MountError as error:
-            os.write(write_end, b"%d:%s" % (error.code, error.message.encode()))
+            with contextlib.suppress(OSError):
+                os.write(write_end, b"%d:%s" % (error.code, error.message.encode()))
             status = error.code
         except OSError as error:
-            message = f"cannot open layers: {error.strerror}"
+            reason = f"cannot open layers: {error.strerror}"
             with contextlib.suppress(OSError):
-                os.write(write_end, b"%d:%s" % (EXIT_LAYER, message.encode()))
+                os.write(write_end, b"%d:%s" % (EXIT_LAYER, reason.encode()))
             status = EXIT_LAYER
     except BaseException:
         log.exception("mount daemon failed")
@@ -341,8 +353,8 @@ def unmount(mountpoint: str) -> int:
     if result.returncode != 0:
         text = result.stderr.strip().splitlines()
         detail = text[-1] if text else f"exit status {result.returncode}"
-        code = EXIT_PERMISSION if "ermission" in detail or "not permitted" in detail else EXIT_FAILURE
+        code = (
+            EXIT_PERMISSION if "ermission" in detail or "not permitted" in detail else EXIT_FAILURE
+        )
         raise MountError(code, f"cannot unmount {mountpoint}: {detail}")
     return 0
-
-

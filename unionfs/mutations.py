@@ -28,8 +28,9 @@ Maker = Callable[[int, bytes], None]  # build an object named NAME in directory 
 
 
 class Mutations:
-    def __init__(self, tree: MergedTree, upper: Layer, work: WorkDir, copyup: CopyUp, *,
-                 oci_whiteouts: bool) -> None:
+    def __init__(
+        self, tree: MergedTree, upper: Layer, work: WorkDir, copyup: CopyUp, *, oci_whiteouts: bool
+    ) -> None:
         self.tree = tree
         self.upper = upper
         self.work = work
@@ -64,8 +65,9 @@ class Mutations:
                 return
             except PermissionError:
                 pass  # no whiteout devices for us here: fall back to the OCI form
-        fd = safeio.open_file(dir_fd, whiteout.oci_whiteout_name(name),
-                              os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        fd = safeio.open_file(
+            dir_fd, whiteout.oci_whiteout_name(name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600
+        )
         os.close(fd)
 
     def _remove_oci_whiteout(self, dir_fd: int, name: bytes) -> None:
@@ -84,8 +86,11 @@ class Mutations:
                     raise
         child_fd = safeio.open_dir(dir_fd, name)
         try:
-            os.close(safeio.open_file(child_fd, whiteout.OCI_OPAQUE_MARKER,
-                                      os.O_CREAT | os.O_WRONLY, 0o600))
+            os.close(
+                safeio.open_file(
+                    child_fd, whiteout.OCI_OPAQUE_MARKER, os.O_CREAT | os.O_WRONLY, 0o600
+                )
+            )
         finally:
             os.close(child_fd)
 
@@ -140,8 +145,9 @@ class Mutations:
         return found
 
     # creation ------------------------------------------------------------------------
-    def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int,
-               gid: int) -> tuple[Node, os.stat_result, int]:
+    def create(
+        self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[Node, os.stat_result, int]:
         self._require_absent(parent, name)
         opened: list[int] = []
         open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | (flags & os.O_APPEND)
@@ -170,8 +176,9 @@ class Mutations:
         except PermissionError:
             pass
 
-    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int,
-              gid: int) -> tuple[Node, os.stat_result]:
+    def mkdir(
+        self, parent: Node, name: bytes, mode: int, uid: int, gid: int
+    ) -> tuple[Node, os.stat_result]:
         self._require_absent(parent, name)
 
         def make(dir_fd: int, target: bytes) -> None:
@@ -181,8 +188,9 @@ class Mutations:
         self._place(parent, name, make, is_dir=True)
         return self._adopt_new(parent, name)
 
-    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int,
-              gid: int) -> tuple[Node, os.stat_result]:
+    def mknod(
+        self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> tuple[Node, os.stat_result]:
         self._require_absent(parent, name)
 
         def make(dir_fd: int, target: bytes) -> None:
@@ -192,8 +200,9 @@ class Mutations:
         self._place(parent, name, make, is_dir=False)
         return self._adopt_new(parent, name)
 
-    def symlink(self, parent: Node, name: bytes, target: bytes, uid: int,
-                gid: int) -> tuple[Node, os.stat_result]:
+    def symlink(
+        self, parent: Node, name: bytes, target: bytes, uid: int, gid: int
+    ) -> tuple[Node, os.stat_result]:
         self._require_absent(parent, name)
 
         def make(dir_fd: int, link_name: bytes) -> None:
@@ -212,8 +221,13 @@ class Mutations:
         source_fd = self.upper.dir_fd(source_path[:-1])
 
         def make(dir_fd: int, target: bytes) -> None:
-            os.link(source_path[-1], target, src_dir_fd=source_fd, dst_dir_fd=dir_fd,
-                    follow_symlinks=False)
+            os.link(
+                source_path[-1],
+                target,
+                src_dir_fd=source_fd,
+                dst_dir_fd=dir_fd,
+                follow_symlinks=False,
+            )
 
         self._place(parent, name, make, is_dir=False)
         node.links[(parent, name)] = True
@@ -240,8 +254,9 @@ class Mutations:
                 os.unlink(name, dir_fd=parent_fd)
             if upper_st.st_nlink <= 1:
                 self.tree.inodes.drop_key((upper_st.st_dev, upper_st.st_ino), node)
-                if not any(in_upper for link, in_upper in node.links.items()
-                           if link != (parent, name)):
+                if not any(
+                    in_upper for link, in_upper in node.links.items() if link != (parent, name)
+                ):
                     node.in_upper = False
         else:
             self._make_whiteout(parent_fd, name)
@@ -301,8 +316,9 @@ class Mutations:
         return node
 
     # rename --------------------------------------------------------------------------
-    async def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
-                     flags: int) -> Node | None:
+    async def rename(
+        self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes, flags: int
+    ) -> Node | None:
         """Returns the node that lost its name at the target (if any)."""
         source_resolved, source = self._resolve_existing(old_parent, old_name)
         target_resolved = self.tree.resolve(new_parent, new_name)
@@ -359,8 +375,9 @@ class Mutations:
             target_upper = None
         elif target_upper is not None and not safeio.is_whiteout_device(target_upper):
             replaced_st = target_upper
-        moved_dir_over_device = (source.is_dir and target_upper is not None
-                                 and safeio.is_whiteout_device(target_upper))
+        moved_dir_over_device = (
+            source.is_dir and target_upper is not None and safeio.is_whiteout_device(target_upper)
+        )
         if moved_dir_over_device:
             safeio.renameat2(old_fd, old_name, new_fd, new_name, safeio.RENAME_EXCHANGE)
             if source_resolved.has_lower:
@@ -386,8 +403,9 @@ class Mutations:
         self._changed(new_parent)
         return target
 
-    def _rename_leaving_whiteout(self, old_fd: int, old_name: bytes, new_fd: int,
-                                 new_name: bytes) -> None:
+    def _rename_leaving_whiteout(
+        self, old_fd: int, old_name: bytes, new_fd: int, new_name: bytes
+    ) -> None:
         self.whiteouts_made += 1
         if not self.oci_whiteouts:
             try:
@@ -400,8 +418,9 @@ class Mutations:
         self.whiteouts_made -= 1
         self._make_whiteout(old_fd, old_name)
 
-    def _prepare_moved_dir(self, node: Node, new_parent: Node, new_name: bytes,
-                           dir_fd: int, name: bytes) -> None:
+    def _prepare_moved_dir(
+        self, node: Node, new_parent: Node, new_name: bytes, dir_fd: int, name: bytes
+    ) -> None:
         """Before a directory moves: a redirect keeps its lower content; a pure upper
         directory landing where lower layers hold the name must hide them (opaque)."""
         if not node.is_dir:
@@ -410,13 +429,13 @@ class Mutations:
             value = whiteout.encode_redirect(node.lower[0].path)
             safeio.set_xattr(dir_fd, name, self.redirect_xattr, value)
         else:
-            lower_sources = [s for s in self.tree.dir_sources(new_parent)
-                             if not s.layer.writable]
+            lower_sources = [s for s in self.tree.dir_sources(new_parent) if not s.layer.writable]
             if self.tree.stack._lower_has(lower_sources, new_name, None):
                 self._mark_opaque(dir_fd, name)
 
-    def _relink(self, node: Node, old_parent: Node, old_name: bytes, new_parent: Node,
-                new_name: bytes) -> None:
+    def _relink(
+        self, node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes
+    ) -> None:
         if node.is_dir:
             node.set_only_link(new_parent, new_name, in_upper=True)
         else:

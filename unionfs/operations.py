@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -40,7 +40,9 @@ R = TypeVar("R")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
-def boundary(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def boundary(
+    handler: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn every failure of a handler into an errno reply."""
 
     @functools.wraps(handler)
@@ -80,8 +82,9 @@ class Operations(pyfuse3.Operations):
         self.copyup: CopyUp | None = None
         if tree.upper is not None and work is not None and config.writable:
             self.copyup = CopyUp(tree, tree.upper, work, run_in_thread)
-            self.mutations = Mutations(tree, tree.upper, work, self.copyup,
-                                       oci_whiteouts=config.whiteout_format == "oci")
+            self.mutations = Mutations(
+                tree, tree.upper, work, self.copyup, oci_whiteouts=config.whiteout_format == "oci"
+            )
 
     # helpers -------------------------------------------------------------------------
     def _writer(self) -> Mutations:
@@ -103,8 +106,9 @@ class Operations(pyfuse3.Operations):
 
     # lookups and attributes ----------------------------------------------------------
     @boundary
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-                     ) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if name == b".":
             return self._entry(parent, self.tree.stat(parent))
@@ -148,8 +152,17 @@ class Operations(pyfuse3.Operations):
         layer = self.tree.upper if self.tree.upper is not None else self.tree.stack.layers[0]
         info = os.statvfs(layer.root_fd)
         data = pyfuse3.StatvfsData()
-        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                      "f_ffree", "f_favail", "f_namemax"):
+        for field in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+            "f_namemax",
+        ):
             setattr(data, field, getattr(info, field))
         return data
 
@@ -168,12 +181,16 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         dir_fd, entry = self.tree.top_location(self._node(inode))
-        return [os.fsencode(attribute) for attribute in safeio.list_xattrs(dir_fd, entry)
-                if not whiteout.is_private_xattr(attribute)]
+        return [
+            os.fsencode(attribute)
+            for attribute in safeio.list_xattrs(dir_fd, entry)
+            if not whiteout.is_private_xattr(attribute)
+        ]
 
     @boundary
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         attribute = os.fsdecode(name)
         writer = self._writer()
         if whiteout.is_private_xattr(attribute):
@@ -215,14 +232,15 @@ class Operations(pyfuse3.Operations):
         else:
             fd = self.tree.open_for_read(node)
         number = self.handles.add_file(FileHandle(node, fd, node.generation, writable))
-        return pyfuse3.FileInfo(fh=number, keep_cache=True)  # type: ignore[arg-type]
+        return pyfuse3.FileInfo(fh=number, keep_cache=True)
 
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles.file(fh)
         if handle.generation != handle.node.generation and not handle.writable:
-            self.handles.swap_fd(handle, self.tree.open_for_read(handle.node),
-                                 handle.node.generation)
+            self.handles.swap_fd(
+                handle, self.tree.open_for_read(handle.node), handle.node.generation
+            )
         return os.pread(handle.fd, size, off)
 
     @boundary
@@ -295,48 +313,57 @@ class Operations(pyfuse3.Operations):
         node = self.handles.dir(fh).node
         if not node.in_upper:
             return
-        fd = self.tree.upper.dir_fd(self.tree.upper_path(node)) if node.ino != 1 \
+        fd = (
+            self.tree.upper.dir_fd(self.tree.upper_path(node))
+            if node.ino != 1
             else self.tree.upper.root_fd
+        )
         await trio.to_thread.run_sync(os.fsync, fd)
 
     # namespace changes ---------------------------------------------------------------
     @boundary
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         writer = self._writer()
         async with self.lock:
-            node, st, fd = writer.create(self._node(parent_inode), name, mode, flags,
-                                         ctx.uid, ctx.gid)
+            node, st, fd = writer.create(
+                self._node(parent_inode), name, mode, flags, ctx.uid, ctx.gid
+            )
         number = self.handles.add_file(FileHandle(node, fd, node.generation, True))
-        return pyfuse3.FileInfo(fh=number, keep_cache=True), self._entry(node, st)  # type: ignore[arg-type]
+        return pyfuse3.FileInfo(fh=number, keep_cache=True), self._entry(node, st)
 
     @boundary
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         writer = self._writer()
         async with self.lock:
             node, st = writer.mkdir(self._node(parent_inode), name, mode, ctx.uid, ctx.gid)
         return self._entry(node, st)
 
     @boundary
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         writer = self._writer()
         async with self.lock:
             node, st = writer.mknod(self._node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
         return self._entry(node, st)
 
     @boundary
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         writer = self._writer()
         async with self.lock:
             node, st = writer.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
         return self._entry(node, st)
 
     @boundary
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         writer = self._writer()
         async with self.lock:
             node, st = await writer.link(self._node(inode), self._node(new_parent_inode), new_name)
@@ -355,31 +382,56 @@ class Operations(pyfuse3.Operations):
             writer.rmdir(self._node(parent_inode), name)
 
     @boundary
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         writer = self._writer()
         async with self.lock:
-            await writer.rename(self._node(parent_inode_old), name_old,
-                                self._node(parent_inode_new), name_new, flags)
+            await writer.rename(
+                self._node(parent_inode_old),
+                name_old,
+                self._node(parent_inode_new),
+                name_new,
+                flags,
+            )
 
     @boundary
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         writer = self._writer()
         async with self.lock:
             node = self._node(inode)
-            only_truncate_to_zero = (fields.update_size and attr.st_size == 0
-                                     and not (fields.update_mode or fields.update_uid
-                                              or fields.update_gid))
+            only_truncate_to_zero = (
+                fields.update_size
+                and attr.st_size == 0
+                and not (fields.update_mode or fields.update_uid or fields.update_gid)
+            )
             await writer.prepare_metadata_change(node, truncate_to_zero=only_truncate_to_zero)
             dir_fd, name = writer.upper_location(node)
             self._apply_setattr(node, dir_fd, name, attr, fields, fh)
             return self._attributes(node)
 
-    def _apply_setattr(self, node: Node, dir_fd: int, name: bytes | None,
-                       attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                       fh: int | None) -> None:
+    def _apply_setattr(
+        self,
+        node: Node,
+        dir_fd: int,
+        name: bytes | None,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+    ) -> None:
         target: Any = dir_fd if name is None else name
         at: dict[str, Any] = {} if name is None else {"dir_fd": dir_fd, "follow_symlinks": False}
         if fields.update_size:

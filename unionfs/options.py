@@ -11,18 +11,69 @@ from unionfs.config import IdMapping, MountConfig
 
 # Options the kernel / libfuse understand; passed through unchanged.
 FUSE_PASSTHROUGH = {
-    "allow_other", "allow_root", "default_permissions", "auto_unmount",
-    "suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime", "relatime",
-    "diratime", "nodiratime", "sync", "async", "dirsync", "lazytime", "nonempty",
+    "allow_other",
+    "allow_root",
+    "default_permissions",
+    "auto_unmount",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "diratime",
+    "nodiratime",
+    "sync",
+    "async",
+    "dirsync",
+    "lazytime",
+    "nonempty",
 }
 FUSE_PASSTHROUGH_VALUED = {"max_read", "blksize", "fsname", "subtype", "rootmode"}
-IGNORED = {"noacl", "acl", "volatile", "rw", "userxattr", "index", "metacopy", "xino",
-           "nfs_export", "default_permissions", "plugins", "fast_ino", "static_nlink",
-           "noxattrs", "debug", "_netdev", "x-systemd.automount", "defaults", "user", "users",
-           "nouser", "auto", "noauto"}
-IGNORED_VALUED = {"context", "fscontext", "defcontext", "rootcontext", "xattr_permissions",
-                  "index", "metacopy", "xino", "nfs_export", "plugins", "threaded", "uid",
-                  "gid", "volatile"}
+IGNORED = {
+    "noacl",
+    "acl",
+    "volatile",
+    "rw",
+    "userxattr",
+    "index",
+    "metacopy",
+    "xino",
+    "nfs_export",
+    "default_permissions",
+    "plugins",
+    "fast_ino",
+    "static_nlink",
+    "noxattrs",
+    "debug",
+    "_netdev",
+    "x-systemd.automount",
+    "defaults",
+    "user",
+    "users",
+    "nouser",
+    "auto",
+    "noauto",
+}
+IGNORED_VALUED = {
+    "context",
+    "fscontext",
+    "defcontext",
+    "rootcontext",
+    "xattr_permissions",
+    "index",
+    "metacopy",
+    "xino",
+    "nfs_export",
+    "plugins",
+    "threaded",
+    "uid",
+    "gid",
+    "volatile",
+}
 
 
 class OptionError(ValueError):
@@ -57,7 +108,7 @@ def parse_id_mapping(text: str) -> list[IdMapping]:
         raise OptionError(f"bad id mapping {text!r} (want C:H:S[:C:H:S...])") from None
     if not numbers or len(numbers) % 3 or any(number < 0 for number in numbers):
         raise OptionError(f"bad id mapping {text!r} (want C:H:S[:C:H:S...])")
-    return [IdMapping(*numbers[index:index + 3]) for index in range(0, len(numbers), 3)]
+    return [IdMapping(*numbers[index : index + 3]) for index in range(0, len(numbers), 3)]
 
 
 def _int_option(key: str, value: str) -> int:
@@ -107,7 +158,8 @@ def apply_options(config: MountConfig, options: list[str]) -> None:
                 raise OptionError(f"whiteout must be overlay or oci, not {value!r}")
             config.whiteout_format = value
         elif (key in FUSE_PASSTHROUGH and not has_value) or (
-                key in FUSE_PASSTHROUGH_VALUED and has_value):
+            key in FUSE_PASSTHROUGH_VALUED and has_value
+        ):
             if key not in ("fsname", "subtype"):
                 config.fuse_options.append(option)
         elif (key in IGNORED and not has_value) or (key in IGNORED_VALUED and has_value):

@@ -29,6 +29,7 @@ _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
 
+
 def check_name(name: bytes) -> bytes:
     """Reject anything that is not one plain path component."""
     if not name or b"/" in name or name in (b".", b"..") or b"\0" in name:
@@ -115,7 +116,9 @@ def fd_get_xattr(fd: int, attribute: str) -> bytes | None:
         raise
 
 
-def set_xattr(dir_fd: int, name: bytes | None, attribute: str, value: bytes, flags: int = 0) -> None:
+def set_xattr(
+    dir_fd: int, name: bytes | None, attribute: str, value: bytes, flags: int = 0
+) -> None:
     if name is None:
         os.setxattr(dir_fd, attribute, value, flags)
     else:
@@ -253,8 +256,14 @@ def remove_tree(dir_fd: int, name: bytes) -> None:
     os.rmdir(check_name(name), dir_fd=dir_fd)
 
 
-def copy_xattrs(source_dir_fd: int, source_name: bytes | None, target_dir_fd: int,
-                target_name: bytes | None, *, skip: tuple[str, ...]) -> None:
+def copy_xattrs(
+    source_dir_fd: int,
+    source_name: bytes | None,
+    target_dir_fd: int,
+    target_name: bytes | None,
+    *,
+    skip: tuple[str, ...],
+) -> None:
     """Copy every xattr not starting with a prefix in ``skip``; unsupported ones are
     silently left out (an unprivileged copy cannot write trusted.* for example)."""
     for attribute in list_xattrs(source_dir_fd, source_name):

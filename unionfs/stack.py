@@ -102,8 +102,9 @@ class Stack:
                     absolute, parts = child.redirect
                     if absolute:
                         absolute_path = parts
-                        search = [Source(lower, ()) for lower in self.layers
-                                  if lower.index > layer.index]
+                        search = [
+                            Source(lower, ()) for lower in self.layers if lower.index > layer.index
+                        ]
                         position = 0
                     else:
                         lookup_name = parts[0]
