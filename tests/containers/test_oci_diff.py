@@ -1,0 +1,170 @@
+"""``unionfs.oci.diff_upper`` on crafted uppers (both whiteout formats), digests, redirects."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.containers.oci_build import LayerTar, write_oci_layout
+from unionfs import oci
+
+IS_ROOT = os.geteuid() == 0
+OPAQUE = "trusted.overlay.opaque" if IS_ROOT else "user.overlay.opaque"
+
+
+def make_upper(root: Path) -> Path:
+    """An upper layer using every marker form unionfs reads."""
+    root.mkdir()
+    (root / "new").write_text("new\n")
+    (root / "d").mkdir()
+    (root / "d" / "f").write_text("f")
+    os.mknod(root / "gone", stat.S_IFCHR | 0o000, 0)  # overlay whiteout
+    (root / "d" / ".wh.oldoci").write_text("")  # OCI whiteout
+    (root / "opq1").mkdir()
+    os.setxattr(root / "opq1", OPAQUE, b"y")
+    (root / "opq1" / "inside").write_text("1")
+    (root / "opq2").mkdir()
+    os.setxattr(root / "opq2", "user.fuseoverlayfs.opaque", b"y")
+    (root / "opq3").mkdir()
+    (root / "opq3" / ".wh..wh..opq").write_text("")
+    os.mknod(root / "opq3" / ".wh..opq", stat.S_IFCHR, 0)  # fuse-overlayfs bookkeeping
+    (root / "h1").write_text("linked")
+    os.link(root / "h1", root / "h2")
+    (root / "x").write_text("x")
+    os.setxattr(root / "x", "user.keep", b"kept")
+    os.setxattr(root / "x", "user.overlay.origin", b"private")
+    if IS_ROOT:
+        os.setxattr(root / "x", "trusted.overlay.metacopy", b"")
+    os.symlink("target", root / "s")
+    os.mkfifo(root / "p")
+    os.chmod(root / "new", 0o640)
+    os.utime(root / "new", (1_600_000_000, 1_600_000_000))
+    return root
+
+
+def members(data: bytes) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        return {m.name.rstrip("/"): m for m in tar.getmembers()}
+
+
+def test_diff_members(tmp_path: Path) -> None:
+    upper = make_upper(tmp_path / "upper")
+    out = tmp_path / "layer.tar"
+    result = oci.diff_upper(upper, out, progress=False)
+    data = out.read_bytes()
+    m = members(data)
+    assert sorted(m) == sorted(
+        [
+            "new", "d", "d/f", "d/.wh.oldoci", ".wh.gone",
+            "opq1", "opq1/.wh..wh..opq", "opq1/inside",
+            "opq2", "opq2/.wh..wh..opq", "opq3", "opq3/.wh..wh..opq",
+            "h1", "h2", "x", "s", "p",
+        ]
+    )  # fmt: skip
+    assert m[".wh.gone"].isreg() and m[".wh.gone"].size == 0
+    assert m["d/.wh.oldoci"].isreg()
+    assert m["opq1"].isdir() and m["opq1/.wh..wh..opq"].isreg()
+    assert m["h2"].islnk() and m["h2"].linkname == "h1"
+    assert m["h1"].isreg() and m["h1"].size == len("linked")
+    assert m["s"].issym() and m["s"].linkname == "target"
+    assert m["p"].isfifo()
+    assert m["new"].mode == 0o640 and m["new"].mtime == 1_600_000_000
+    assert m["new"].uid == os.getuid()
+    xattrs = {k: v for k, v in m["x"].pax_headers.items() if k.startswith("SCHILY.xattr.")}
+    assert xattrs == {"SCHILY.xattr.user.keep": "kept"}, "private overlay xattrs must not leak"
+    assert result.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert result.diff_id == result.digest and not result.compressed
+    assert result.size == len(data)
+    assert (result.whiteouts, result.opaque_dirs, result.hardlinks) == (2, 3, 1)
+    assert "digest sha256:" in result.summary() and "diff_id sha256:" in result.summary()
+
+
+def test_diff_is_deterministic_and_gzip_digests(tmp_path: Path) -> None:
+    upper = make_upper(tmp_path / "upper")
+    plain = oci.diff_upper(upper, tmp_path / "a.tar", progress=False)
+    again = oci.diff_upper(upper, tmp_path / "b.tar", progress=False)
+    assert plain.digest == again.digest
+    zipped = oci.diff_upper(upper, tmp_path / "c.tar.gz", progress=False)
+    raw = (tmp_path / "c.tar.gz").read_bytes()
+    assert zipped.compressed and raw[:2] == b"\x1f\x8b"
+    assert zipped.digest == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert (
+        zipped.diff_id
+        == plain.diff_id
+        == "sha256:" + hashlib.sha256(gzip.decompress(raw)).hexdigest()
+    )
+
+
+def test_diff_to_binary_stream(tmp_path: Path) -> None:
+    upper = make_upper(tmp_path / "upper")
+    buffer = io.BytesIO()
+    result = oci.diff_upper(upper, buffer, progress=False)
+    assert result.digest == "sha256:" + hashlib.sha256(buffer.getvalue()).hexdigest()
+    assert "new" in members(buffer.getvalue())
+
+
+def test_diff_then_import_converts_back(tmp_path: Path) -> None:
+    """A diff imported on top of an image gives back overlay-format markers."""
+    base = LayerTar().file("gone", b"g").dir("opq1").file("opq1/old", b"o").bytes()
+    image = write_oci_layout(tmp_path / "img", [base])
+    dest = tmp_path / "dest"
+    oci.import_image(image, dest, progress=False)
+    upper = make_upper(tmp_path / "upper")
+    oci.diff_upper(upper, tmp_path / "diff.tar", progress=False)
+    result = oci.import_image(tmp_path / "diff.tar", dest, progress=False)
+    top = result.layer_dirs[-1]
+    st = os.lstat(top / "gone")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert os.getxattr(top / "opq1", OPAQUE) == b"y"
+    assert os.getxattr(top / "opq2", OPAQUE) == b"y"
+    assert os.lstat(top / "h1").st_ino == os.lstat(top / "h2").st_ino
+    assert os.getxattr(top / "x", "user.keep") == b"kept"
+
+
+def test_redirected_directory_is_exported_fully(tmp_path: Path) -> None:
+    lower = tmp_path / "lower"
+    (lower / "old" / "sub").mkdir(parents=True)
+    (lower / "old" / "a").write_text("a")
+    (lower / "old" / "sub" / "b").write_text("b")
+    (lower / "old" / "hidden").write_text("h")
+    upper = tmp_path / "upper"
+    (upper / "new").mkdir(parents=True)
+    redirect = "trusted.overlay.redirect" if IS_ROOT else "user.overlay.redirect"
+    os.setxattr(upper / "new", redirect, b"/old")
+    os.mknod(upper / "old", stat.S_IFCHR, 0)  # the whiteout the rename left
+    os.mknod(upper / "new" / "hidden", stat.S_IFCHR, 0)
+    (upper / "new" / "added").write_text("added")
+    with pytest.raises(oci.ImageError, match="renamed"):
+        oci.diff_upper(upper, tmp_path / "fail.tar", progress=False)
+    result = oci.diff_upper(upper, tmp_path / "ok.tar", progress=False, lowers=[lower])
+    m = members((tmp_path / "ok.tar").read_bytes())
+    assert sorted(m) == sorted(
+        [".wh.old", "new", "new/.wh..wh..opq", "new/a", "new/added", "new/sub", "new/sub/b"]
+    )
+    assert result.redirects == 1
+    assert all(not k.startswith("SCHILY.xattr.trusted.overlay") for k in m["new"].pax_headers)
+
+
+def test_redirect_without_whiteout_adds_one(tmp_path: Path) -> None:
+    lower = tmp_path / "lower"
+    (lower / "old").mkdir(parents=True)
+    (lower / "old" / "a").write_text("a")
+    upper = tmp_path / "upper"
+    (upper / "new").mkdir(parents=True)
+    os.setxattr(upper / "new", "user.overlay.redirect", b"old")
+    oci.diff_upper(upper, tmp_path / "ok.tar", progress=False, lowers=[lower])
+    m = members((tmp_path / "ok.tar").read_bytes())
+    assert ".wh.old" in m and "new/a" in m
+
+
+def test_missing_upper_is_image_error(tmp_path: Path) -> None:
+    with pytest.raises(oci.ImageError):
+        oci.diff_upper(tmp_path / "nope", tmp_path / "x.tar", progress=False)
+    assert not (tmp_path / "x.tar").exists()
