@@ -347,6 +347,14 @@ def versions(systems: list[System]) -> dict[str, str]:
         check=False,
     )
     found["git"] = git.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "unionfs"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if dirty.stdout.strip():
+        found["git"] += " (unionfs/ has uncommitted changes)"
     return found
 
 
