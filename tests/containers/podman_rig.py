@@ -263,3 +263,36 @@ def unmount_all_under(root: Path) -> None:
         for cmd in (["fusermount3", "-u", mnt], ["fusermount3", "-uz", mnt], ["umount", "-l", mnt]):
             if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
                 break
+
+
+TEST_USER = "unionfs-ct"
+SUBID_START = 300000
+
+
+def ensure_test_user(name: str = TEST_USER) -> tuple[int, int]:
+    """An ordinary user (no capabilities) with subuid/subgid ranges, created once (root only)."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--create-home", "--shell", "/bin/sh", name],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        entry = pwd.getpwnam(name)
+    for table in ("/etc/subuid", "/etc/subgid"):
+        text = Path(table).read_text() if Path(table).exists() else ""
+        if not any(line.split(":")[0] == name for line in text.splitlines()):
+            with open(table, "a") as f:
+                f.write(f"{name}:{SUBID_START}:65536\n")
+    if os.path.exists("/dev/fuse"):
+        os.chmod("/dev/fuse", 0o666)
+    return entry.pw_uid, entry.pw_gid
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.chown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
