@@ -78,8 +78,9 @@ def assert_clean_error(
     assert result.returncode == code, f"expected exit {code}; got {report}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     if code == EXIT_USAGE:
-        # argparse: the usage lines, then one "PROG: error: ..." line.
-        assert lines and "error:" in lines[-1], report
+        # One line, or argparse's way: the usage lines, then one "PROG: error: ..." line.
+        assert lines, f"a usage error must say what is wrong; got {report}"
+        assert len(lines) == 1 or "error:" in lines[-1], report
         return lines[-1]
     assert len(lines) == 1, f"expected one line on stderr; got {report}"
     for text in mentions:
