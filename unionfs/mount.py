@@ -221,6 +221,8 @@ def setup_logging(config: MountConfig, *, to_stderr: bool) -> None:
     level = logging.DEBUG if config.debug else logging.INFO
     handler: logging.Handler
     if config.log_file:
+        with open(config.log_file, "a", encoding="utf-8") as log_file:
+            log_file.write(f"pid={os.getpid()}\n")  # first line: who serves this mount
         handler = logging.FileHandler(config.log_file)
     elif to_stderr:
         handler = logging.StreamHandler(sys.stderr)

@@ -224,11 +224,12 @@ class Operations(pyfuse3.Operations):
         if writable:
             writer = self._writer()
             async with self.lock:
-                await writer.prepare_metadata_change(node)
+                truncate = bool(flags & os.O_TRUNC)  # libfuse enables atomic_o_trunc
+                await writer.prepare_metadata_change(node, truncate_to_zero=truncate)
                 dir_fd, name = writer.upper_location(node)
                 assert name is not None
                 mode = os.O_RDWR if flags & os.O_RDWR else os.O_WRONLY
-                fd = safeio.open_file(dir_fd, name, mode | (flags & os.O_APPEND))
+                fd = safeio.open_file(dir_fd, name, mode | (flags & (os.O_APPEND | os.O_TRUNC)))
         else:
             fd = self.tree.open_for_read(node)
         number = self.handles.add_file(FileHandle(node, fd, node.generation, writable))

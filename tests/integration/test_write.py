@@ -1,0 +1,369 @@
+"""The writable layer through real mounts (issue 3): copy-up, whiteouts, renames, links.
+
+Every test checks at the end that the lower layers did not change (content, mode, owner,
+mtime, xattrs), and most check the upper layer on disk in kernel overlayfs format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import random
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import DIR, TmpLayers
+from tests.support.mounts import overlay_mounted, unionfs_mounted
+from unionfs import safeio
+
+OPAQUE_XATTR = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
+REDIRECT_XATTR = "trusted.overlay.redirect" if os.geteuid() == 0 else "user.overlay.redirect"
+
+
+def fingerprint(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything about a layer that must never change."""
+    result: dict[str, tuple[object, ...]] = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = path.lstat()
+        content: object = None
+        if stat.S_ISREG(st.st_mode):
+            content = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif stat.S_ISLNK(st.st_mode):
+            content = os.readlink(path)
+        xattrs = tuple(sorted((name, os.getxattr(path, name, follow_symlinks=False))
+                              for name in os.listxattr(path, follow_symlinks=False)))
+        result[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
+                                               st.st_mtime_ns, content, xattrs)
+    return result
+
+
+@contextlib.contextmanager
+def writable(layers: list[Path], tmp_path: Path, mountpoint: Path,
+             extra_args: tuple[str, ...] = ()) -> Iterator[tuple[Path, Path]]:
+    """Mount with an upper; yield (mountpoint, upper); check lowers are untouched after."""
+    before = [fingerprint(layer) for layer in layers]
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    with unionfs_mounted(layers, mountpoint, upper=upper, workdir=work,
+                         extra_args=extra_args) as mnt:
+        yield mnt, upper
+    assert [fingerprint(layer) for layer in layers] == before, "a lower layer changed"
+    assert os.listdir(work / "work") == [], "temporary files were left in the workdir"
+
+
+def is_whiteout(path: Path) -> bool:
+    st = path.lstat()
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def test_copy_up_on_write_keeps_metadata(tmp_layers: TmpLayers, tmp_path: Path,
+                                         mountpoint: Path) -> None:
+    layers = tmp_layers({"dir/f": "hello", "dir/g": "other"})
+    os.chmod(layers[0] / "dir", 0o750)
+    os.chmod(layers[0] / "dir/f", 0o640)
+    os.setxattr(layers[0] / "dir/f", "user.note", b"kept")
+    os.setxattr(layers[0] / "dir", "user.dirnote", b"dir")
+    os.utime(layers[0] / "dir", ns=(5_000_000_000, 6_000_000_000))
+    if os.geteuid() == 0:
+        os.chown(layers[0] / "dir/f", 1234, 5678)
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        inode = (mnt / "dir/f").stat().st_ino
+        with open(mnt / "dir/f", "a") as handle:
+            handle.write(" world")
+        assert (mnt / "dir/f").read_text() == "hello world"
+        copied = (upper / "dir/f").lstat()
+        assert stat.S_IMODE(copied.st_mode) == 0o640
+        assert os.getxattr(upper / "dir/f", "user.note") == b"kept"
+        if os.geteuid() == 0:
+            assert (copied.st_uid, copied.st_gid) == (1234, 5678)
+        assert stat.S_IMODE((upper / "dir").lstat().st_mode) == 0o750
+        assert os.getxattr(upper / "dir", "user.dirnote") == b"dir"
+        assert not (upper / "dir/g").exists(), "only the written file is copied up"
+        assert (mnt / "dir/f").stat().st_ino == inode, "copy-up changed the inode number"
+
+
+@pytest.mark.parametrize("how", ["truncate", "chmod", "utime", "setxattr", "removexattr",
+                                 "o_trunc", "rdwr"])
+def test_metadata_changes_copy_up(how: str, tmp_layers: TmpLayers, tmp_path: Path,
+                                  mountpoint: Path) -> None:
+    layers = tmp_layers({"f": "content"})
+    os.setxattr(layers[0] / "f", "user.gone", b"1")
+    os.utime(layers[0] / "f", ns=(7_000_000_000, 8_000_000_000))
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        target = mnt / "f"
+        if how == "truncate":
+            os.truncate(target, 3)
+            assert target.read_text() == "con"
+        elif how == "chmod":
+            os.chmod(target, 0o600)
+            assert stat.S_IMODE((upper / "f").lstat().st_mode) == 0o600
+            assert target.read_text() == "content"
+        elif how == "utime":
+            os.utime(target, ns=(1_000_000_000, 2_000_000_000))
+            assert (upper / "f").lstat().st_mtime_ns == 2_000_000_000
+        elif how == "setxattr":
+            os.setxattr(target, "user.added", b"v")
+            assert os.getxattr(upper / "f", "user.added") == b"v"
+        elif how == "removexattr":
+            os.removexattr(target, "user.gone")
+            assert os.listxattr(target) == []
+        elif how == "o_trunc":
+            target.write_text("new")
+            assert target.read_text() == "new"
+        elif how == "rdwr":
+            with open(target, "r+b") as handle:
+                assert handle.read() == b"content"
+            assert (upper / "f").read_text() == "content"
+            assert (upper / "f").lstat().st_mtime_ns == 8_000_000_000
+        assert (upper / "f").exists()
+
+
+def test_copy_up_keeps_holes(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    layers = tmp_layers({})
+    with open(layers[0] / "sparse", "wb") as handle:
+        handle.write(b"head")
+        handle.seek(1 << 30)
+        handle.write(b"tail")
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        with open(mnt / "sparse", "r+b") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.write(b"!")
+        copied = (upper / "sparse").lstat()
+        assert copied.st_size == (1 << 30) + 5
+        assert copied.st_blocks * 512 < 1 << 20, "holes were filled with zeroes"
+        with open(mnt / "sparse", "rb") as handle:
+            assert handle.read(4) == b"head"
+            handle.seek(1 << 30)
+            assert handle.read() == b"tail!"
+
+
+def test_whiteouts_on_disk(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    layers = tmp_layers({"f": "1", "d/x": "2", "g": "3"})
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        (mnt / "f").unlink()
+        (mnt / "d/x").unlink()
+        (mnt / "d").rmdir()
+        assert sorted(os.listdir(mnt)) == ["g"]
+        assert is_whiteout(upper / "f") and is_whiteout(upper / "d")
+        (mnt / "f").write_text("again")
+        assert (mnt / "f").read_text() == "again"
+        assert stat.S_ISREG((upper / "f").lstat().st_mode)
+
+
+def test_oci_whiteout_format(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    layers = tmp_layers({"f": "1", "d/x": "2"})
+    with writable(layers, tmp_path, mountpoint, ("--whiteout-format", "oci")) as (mnt, upper):
+        (mnt / "f").unlink()
+        (mnt / "d/x").unlink()
+        (mnt / "d").rmdir()
+        (mnt / "d").mkdir()
+        assert os.listdir(mnt) == ["d"] and os.listdir(mnt / "d") == []
+        assert (upper / ".wh.f").is_file()
+        assert (upper / "d/.wh..wh..opq").is_file()
+
+
+def test_rmdir_and_mkdir_makes_opaque(tmp_layers: TmpLayers, tmp_path: Path,
+                                      mountpoint: Path) -> None:
+    layers = tmp_layers({"d/a": "1", "d/sub/b": "2"})
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        with pytest.raises(OSError) as not_empty:
+            (mnt / "d").rmdir()
+        assert not_empty.value.errno == errno.ENOTEMPTY
+        subprocess.run(["rm", "-rf", str(mnt / "d")], check=True)
+        (mnt / "d").mkdir()
+        assert os.listdir(mnt / "d") == []
+        assert os.getxattr(upper / "d", OPAQUE_XATTR) == b"y"
+
+
+def test_rmdir_of_merged_dir_empty_in_view(tmp_layers: TmpLayers, tmp_path: Path,
+                                           mountpoint: Path) -> None:
+    layers = tmp_layers({"d/a": "1"}, {"d/b": "2"})
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        (mnt / "d/a").unlink()
+        (mnt / "d/b").unlink()
+        (mnt / "d").rmdir()
+        assert not (mnt / "d").exists() and is_whiteout(upper / "d")
+
+
+def test_rename_lower_directory_is_o1(tmp_layers: TmpLayers, tmp_path: Path,
+                                      mountpoint: Path) -> None:
+    layers = tmp_layers({f"tree/sub{i}/f{j}": f"{i}-{j}" for i in range(5) for j in range(20)})
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        inode = (mnt / "tree").stat().st_ino
+        os.rename(mnt / "tree", mnt / "moved")
+        assert not (mnt / "tree").exists()
+        assert (mnt / "moved/sub3/f7").read_text() == "3-7"
+        assert (mnt / "moved").stat().st_ino == inode
+        assert os.getxattr(upper / "moved", REDIRECT_XATTR) == b"/tree"
+        assert os.listdir(upper / "moved") == [], "the renamed tree was copied"
+        assert is_whiteout(upper / "tree")
+        # and once more, into another directory
+        (mnt / "other").mkdir()
+        os.rename(mnt / "moved", mnt / "other/again")
+        assert (mnt / "other/again/sub0/f0").read_text() == "0-0"
+
+
+def test_hard_links_survive_copy_up(tmp_layers: TmpLayers, tmp_path: Path,
+                                    mountpoint: Path) -> None:
+    layers = tmp_layers({"a": "old", "dir": DIR})
+    os.link(layers[0] / "a", layers[0] / "dir/b")
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        before = (mnt / "dir/b").stat()
+        assert before.st_nlink == 2
+        (mnt / "a").write_text("new")
+        after = (mnt / "dir/b").stat()
+        assert (mnt / "dir/b").read_text() == "new"
+        assert after.st_ino == before.st_ino and after.st_nlink == 2
+        os.link(mnt / "a", mnt / "c")
+        assert (mnt / "c").stat().st_ino == before.st_ino
+        assert (mnt / "a").stat().st_nlink == 3
+
+
+def test_reader_sees_copy_up_by_another_writer(tmp_layers: TmpLayers, tmp_path: Path,
+                                               mountpoint: Path) -> None:
+    layers = tmp_layers({"f": "before"})
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        reader = os.open(mnt / "f", os.O_RDONLY)
+        try:
+            assert os.pread(reader, 100, 0) == b"before"
+            with open(mnt / "f", "r+") as writer:
+                writer.write("AFTER!")
+            assert os.pread(reader, 100, 0) == b"AFTER!"
+        finally:
+            os.close(reader)
+
+
+def test_rename_flags(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    layers = tmp_layers({"a": "A", "b": "B", "d/x": "X"})
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with pytest.raises(OSError) as exists:
+                safeio.renameat2(fd, b"a", fd, b"b", safeio.RENAME_NOREPLACE)
+            assert exists.value.errno == errno.EEXIST
+            safeio.renameat2(fd, b"a", fd, b"b", safeio.RENAME_EXCHANGE)
+            assert (mnt / "a").read_text() == "B" and (mnt / "b").read_text() == "A"
+            safeio.renameat2(fd, b"a", fd, b"d", safeio.RENAME_EXCHANGE)
+            assert (mnt / "a/x").read_text() == "X" and (mnt / "d").read_text() == "B"
+            with pytest.raises(OSError) as missing:
+                safeio.renameat2(fd, b"a", fd, b"nothing", safeio.RENAME_EXCHANGE)
+            assert missing.value.errno == errno.ENOENT
+        finally:
+            os.close(fd)
+
+
+def test_rename_errors(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    layers = tmp_layers({"f": "1", "d/x": "2", "e": DIR})
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        cases = [(mnt / "d", mnt / "f", errno.ENOTDIR), (mnt / "f", mnt / "d", errno.EISDIR),
+                 (mnt / "e", mnt / "d", errno.ENOTEMPTY), (mnt / "d", mnt / "d/x/y", errno.ENOTDIR),
+                 (mnt / "d", mnt / "d/sub", errno.EINVAL), (mnt / "none", mnt / "z", errno.ENOENT)]
+        for source, target, expected in cases:
+            with pytest.raises(OSError) as failed:
+                os.rename(source, target)
+            assert failed.value.errno == expected, (source, target)
+
+
+def test_special_files_created(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    with writable(tmp_layers({}), tmp_path, mountpoint) as (mnt, upper):
+        os.mkfifo(mnt / "fifo")
+        os.symlink("../somewhere", mnt / "link")
+        assert stat.S_ISFIFO((upper / "fifo").lstat().st_mode)
+        assert os.readlink(mnt / "link") == "../somewhere"
+        if os.geteuid() == 0:
+            os.mknod(mnt / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            assert (mnt / "null").lstat().st_rdev == os.makedev(1, 3)
+
+
+def test_model_checked_random_io(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    """Tens of thousands of random reads, writes and truncates against an in-memory model."""
+    rng = random.Random(1234)
+    initial = bytes(rng.getrandbits(8) for _ in range(70_000))
+    layers = tmp_layers({"data": initial})
+    model = bytearray(initial)
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        fd = os.open(mnt / "data", os.O_RDWR)
+        try:
+            for step in range(20_000):
+                action = rng.random()
+                offset = rng.randrange(0, len(model) + 4096)
+                if action < 0.45:
+                    chunk = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 600)))
+                    os.pwrite(fd, chunk, offset)
+                    if offset > len(model):
+                        model.extend(bytes(offset - len(model)))
+                    model[offset:offset + len(chunk)] = chunk
+                elif action < 0.9:
+                    size = rng.randrange(1, 5000)
+                    assert os.pread(fd, size, offset) == bytes(model[offset:offset + size]), step
+                elif action < 0.97:
+                    length = rng.randrange(0, 100_000)
+                    os.ftruncate(fd, length)
+                    del model[length:]
+                    model.extend(bytes(length - len(model)))
+                else:
+                    os.close(fd)
+                    fd = os.open(mnt / "data", os.O_RDWR)
+        finally:
+            os.close(fd)
+        assert (mnt / "data").read_bytes() == bytes(model)
+        assert os.stat(mnt / "data").st_size == len(model)
+
+
+@pytest.mark.root
+def test_kernel_reads_our_upper(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    layers = tmp_layers({"keep": "k", "gone": "g", "tree/a/b": "ab", "d/x": "x", "h": "h"},
+                        {"top": "t", "tree/c": "c"})
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        (mnt / "gone").unlink()
+        os.rename(mnt / "tree", mnt / "renamed")
+        subprocess.run(["rm", "-rf", str(mnt / "d")], check=True)
+        (mnt / "d").mkdir()
+        (mnt / "d/new").write_text("n")
+        (mnt / "h").write_text("changed")
+        os.chmod(mnt / "keep", 0o600)
+        seen_by_us = snapshot(mnt)
+    kernel_mnt = tmp_path / "kernel"
+    kernel_mnt.mkdir()
+    with overlay_mounted(layers, kernel_mnt, upper=tmp_path / "upper",
+                         workdir=tmp_path / "work") as kernel:
+        assert snapshot(kernel) == seen_by_us
+
+
+@pytest.mark.root
+def test_we_read_kernel_upper(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    layers = tmp_layers({"keep": "k", "gone": "g", "tree/a/b": "ab", "d/x": "x"}, {"top": "t"})
+    kernel_mnt = tmp_path / "kernel"
+    kernel_mnt.mkdir()
+    upper, work = tmp_path / "kupper", tmp_path / "kwork"
+    upper.mkdir()
+    work.mkdir()
+    with overlay_mounted(layers, kernel_mnt, upper=upper, workdir=work) as kernel:
+        (kernel / "gone").unlink()
+        os.rename(kernel / "tree", kernel / "renamed")
+        subprocess.run(["rm", "-rf", str(kernel / "d")], check=True)
+        (kernel / "d").mkdir()
+        (kernel / "d/new").write_text("n")
+        (kernel / "top").write_text("t2")
+        seen_by_kernel = snapshot(kernel)
+    with unionfs_mounted(layers, mountpoint, upper=upper, workdir=work) as mnt:
+        assert snapshot(mnt) == seen_by_kernel
+
+
+def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    result: dict[str, tuple[object, ...]] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        content: object = None
+        if stat.S_ISREG(st.st_mode):
+            content = path.read_bytes()
+        elif stat.S_ISLNK(st.st_mode):
+            content = os.readlink(path)
+        result[str(path.relative_to(root))] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
+                                               st.st_uid, st.st_size, content)
+    return result
