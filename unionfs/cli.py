@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from unionfs import __version__
+from unionfs import __version__, commands
 from unionfs.config import MountConfig
 from unionfs.mount import EXIT_FAILURE, EXIT_USAGE, MountError, mount, unmount
 from unionfs.options import OptionError, apply_options, split_options
 
-SUBCOMMANDS = ("mount", "umount", "unmount")
+SUBCOMMANDS = ("mount", "umount", "unmount", "status", "which", "import", "diff", "run")
 EXIT_CODES = """exit codes:
   0  success
   1  unexpected failure
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount_parser.add_argument("--debug", action="store_true", help="log every request")
     mount_parser.add_argument("--log", metavar="FILE", help="write the daemon's log to FILE")
+    mount_parser.add_argument(
+        "--image",
+        metavar="DEST",
+        help="mount the layers of an image made by 'unionfs import' (below any LAYERs given)",
+    )
     mount_parser.add_argument("paths", nargs="+", metavar="LAYER... MOUNTPOINT")
 
     for name in ("umount", "unmount"):
@@ -94,6 +100,39 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         umount_parser.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    status_parser = commands.add_parser("status", help="list live unionfs mounts and counters")
+    status_parser.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
+    which_parser = commands.add_parser("which", help="say which layer a path comes from")
+    which_parser.add_argument("path", metavar="MOUNTPOINT/PATH")
+    import_parser = commands.add_parser(
+        "import", help="unpack an OCI layout or docker/podman save tarball into layer dirs"
+    )
+    import_parser.add_argument("image", metavar="IMAGE")
+    import_parser.add_argument("dest", metavar="DEST")
+    diff_parser = commands.add_parser(
+        "diff", help="export an upper layer (or a live mount's) as an OCI layer tarball"
+    )
+    diff_parser.add_argument("source", metavar="UPPER|MOUNTPOINT")
+    diff_parser.add_argument("-o", "--output", required=True, metavar="LAYER.tar[.gz]")
+    diff_parser.add_argument(
+        "--lower",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="lower layers, base first (needed to export renamed dirs)",
+    )
+    run_parser = commands.add_parser(
+        "run",
+        help="run COMMAND in the merged tree as a rootless container",
+        description="Mount LAYERs (base first), run COMMAND inside them with bubblewrap (or "
+        "unshare), unmount, and exit with COMMAND's status.",
+    )
+    run_parser.add_argument(
+        "--upper", metavar="DIR", help="keep changes here (default: a temporary upper, discarded)"
+    )
+    run_parser.add_argument("--image", metavar="DEST", help="an image made by 'unionfs import'")
+    run_parser.add_argument("layers", nargs="*", metavar="LAYER")
     return parser
 
 
@@ -120,8 +159,13 @@ def _config_from_options(option_args: Sequence[str], config: MountConfig) -> Non
     apply_options(config, options)
 
 
-def parse(argv: Sequence[str]) -> tuple[str, MountConfig | str]:
-    """Returns ("mount", config) or ("umount", mountpoint)."""
+def parse(argv: Sequence[str]) -> tuple[str, Any]:
+    """Returns ("mount", MountConfig), ("umount", mountpoint) or (command, namespace)."""
+    if "--" in argv and argv and argv[0] == "run":
+        split = list(argv).index("--")
+        args = build_parser().parse_args(list(argv[:split]))
+        args.command_line = list(argv[split + 1 :])
+        return "run", args
     first = next((arg for arg in argv if not arg.startswith("-")), None)
     wants_help = any(arg in ("-h", "--help", "--version") for arg in argv)
     if first not in SUBCOMMANDS and not (wants_help and first is None) and argv:
@@ -132,10 +176,17 @@ def parse(argv: Sequence[str]) -> tuple[str, MountConfig | str]:
         raise SystemExit(EXIT_USAGE)
     if args.command in ("umount", "unmount"):
         return "umount", args.mountpoint
-    if len(args.paths) < 2:
-        raise OptionError("mount needs at least one LAYER and a MOUNTPOINT")
+    if args.command != "mount":
+        if args.command == "run":
+            args.command_line = []
+        return args.command, args
+    lowers = list(args.paths[:-1])
+    if args.image is not None:
+        lowers = commands.image_layers(args.image) + lowers
+    if not lowers:
+        raise OptionError("mount needs at least one LAYER (or --image) and a MOUNTPOINT")
     config = MountConfig(
-        lowers=list(args.paths[:-1]),
+        lowers=lowers,
         mountpoint=args.paths[-1],
         upper=args.upper,
         workdir=args.workdir,
@@ -170,8 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         action, value = parse(arguments)
         if action == "umount":
-            assert isinstance(value, str)
             return unmount(value)
+        if action != "mount":
+            return dispatch(action, value)
         assert isinstance(value, MountConfig)
         for warning in value.warnings:
             print(f"unionfs: warning: {warning}", file=sys.stderr)
@@ -179,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionError as error:
         print(f"unionfs: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except MountError as error:
+    except (MountError, commands.CommandError) as error:
         print(f"unionfs: {error.message}", file=sys.stderr)
         return error.code
     except KeyboardInterrupt:
@@ -187,3 +239,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # the last line of defence: one line, no traceback
         print(f"unionfs: unexpected error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def dispatch(action: str, args: argparse.Namespace) -> int:
+    if action == "status":
+        return commands.status(args.mountpoint)
+    if action == "which":
+        return commands.which(args.path)
+    if action == "import":
+        return commands.import_image(args.image, args.dest)
+    if action == "diff":
+        return commands.diff(args.source, args.output, args.lower)
+    if action == "run":
+        if not args.command_line and args.image is None:
+            raise OptionError("run needs a command after --, or --image with a default command")
+        return commands.run(args.layers, args.command_line, args.upper, args.image)
+    raise OptionError(f"unknown command {action}")

@@ -23,11 +23,12 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from unionfs import safeio, whiteout
+from unionfs import introspection, safeio, whiteout
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
 from unionfs.copyup import CopyUp
 from unionfs.handles import DirHandle, FileHandle, HandleTable
+from unionfs.idmap import IdMapper
 from unionfs.inodes import Node
 from unionfs.mutations import Mutations
 from unionfs.tree import MergedTree
@@ -78,6 +79,7 @@ class Operations(pyfuse3.Operations):
         self.timeout = config.timeout
         self.handles = HandleTable()
         self.lock = trio.Lock()
+        self.ids = IdMapper(config)
         self.mutations: Mutations | None = None
         self.copyup: CopyUp | None = None
         if tree.upper is not None and work is not None and config.writable:
@@ -95,7 +97,14 @@ class Operations(pyfuse3.Operations):
     def _attributes(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         if st is None:
             st = self.tree.stat(node)
-        return entry_attributes(st, node.ino, self.tree.nlink(node, st), self.timeout)
+        attributes = entry_attributes(st, node.ino, self.tree.nlink(node, st), self.timeout)
+        if not self.ids.identity:
+            attributes.st_uid, attributes.st_gid = self.ids.shown(st.st_uid, st.st_gid)
+        return attributes
+
+    def _owner(self, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """The stored owner of an object the caller creates."""
+        return self.ids.stored(ctx.uid, ctx.gid)
 
     def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         node.lookups += 1
@@ -136,15 +145,17 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        st = self.tree.stat(self._node(inode))
+        """Only asked without default_permissions: classic owner/group/other bits."""
+        shown = self._attributes(self._node(inode))
+        file_mode, uid, gid = shown.st_mode, shown.st_uid, shown.st_gid
         if ctx.uid == 0:
-            return not (mode & os.X_OK) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
-        if ctx.uid == st.st_uid:
-            bits = (st.st_mode >> 6) & 7
-        elif ctx.gid == st.st_gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
-            bits = (st.st_mode >> 3) & 7
+            return not (mode & os.X_OK) or bool(file_mode & 0o111) or stat.S_ISDIR(file_mode)
+        if ctx.uid == uid:
+            bits = (file_mode >> 6) & 7
+        elif ctx.gid == gid or gid in pyfuse3.get_sup_groups(ctx.pid):
+            bits = (file_mode >> 3) & 7
         else:
-            bits = st.st_mode & 7
+            bits = file_mode & 7
         return (mode & bits) == mode
 
     @boundary
@@ -170,6 +181,8 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         attribute = os.fsdecode(name)
+        if attribute.startswith(introspection.PREFIX):
+            return introspection.answer(self, self._node(inode), attribute)
         if whiteout.is_private_xattr(attribute):
             raise OSError(errno.ENODATA, "private")
         dir_fd, entry = self.tree.top_location(self._node(inode))
@@ -193,7 +206,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         attribute = os.fsdecode(name)
         writer = self._writer()
-        if whiteout.is_private_xattr(attribute):
+        if whiteout.is_private_xattr(attribute) or attribute.startswith(introspection.PREFIX):
             raise OSError(errno.EPERM, "private attribute")
         async with self.lock:
             node = self._node(inode)
@@ -329,7 +342,7 @@ class Operations(pyfuse3.Operations):
         writer = self._writer()
         async with self.lock:
             node, st, fd = writer.create(
-                self._node(parent_inode), name, mode, flags, ctx.uid, ctx.gid
+                self._node(parent_inode), name, mode, flags, *self._owner(ctx)
             )
         number = self.handles.add_file(FileHandle(node, fd, node.generation, True))
         return pyfuse3.FileInfo(fh=number, keep_cache=True), self._entry(node, st)
@@ -340,7 +353,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         writer = self._writer()
         async with self.lock:
-            node, st = writer.mkdir(self._node(parent_inode), name, mode, ctx.uid, ctx.gid)
+            node, st = writer.mkdir(self._node(parent_inode), name, mode, *self._owner(ctx))
         return self._entry(node, st)
 
     @boundary
@@ -349,7 +362,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         writer = self._writer()
         async with self.lock:
-            node, st = writer.mknod(self._node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+            node, st = writer.mknod(self._node(parent_inode), name, mode, rdev, *self._owner(ctx))
         return self._entry(node, st)
 
     @boundary
@@ -358,7 +371,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         writer = self._writer()
         async with self.lock:
-            node, st = writer.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
+            node, st = writer.symlink(self._node(parent_inode), name, target, *self._owner(ctx))
         return self._entry(node, st)
 
     @boundary
@@ -447,8 +460,9 @@ class Operations(pyfuse3.Operations):
                 finally:
                     os.close(fd)
         if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
+            uid, gid = self.ids.stored(
+                attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1
+            )
             os.chown(target, uid, gid, **at)
         if fields.update_mode:
             if stat.S_ISLNK(node.kind):

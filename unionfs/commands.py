@@ -1,0 +1,174 @@
+"""The non-mount subcommands: status, which, import, diff, run.
+
+Each returns an exit status or raises ``CommandError`` (one line for the user, an exit code);
+``cli`` does the parsing and the printing of errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from unionfs import introspection
+from unionfs.mount import EXIT_FAILURE, EXIT_LAYER, EXIT_MOUNTPOINT, mounted_paths
+
+
+class CommandError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def unionfs_mounts() -> list[str]:
+    """Mount points of live unionfs mounts this process can see."""
+    found: list[str] = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            before, _, after = line.partition(" - ")
+            if after.split(" ", 1)[0] == "fuse.unionfs":
+                found.append(before.split()[4].replace("\\040", " "))
+    return found
+
+
+def mount_status(mountpoint: str) -> dict[str, Any]:
+    try:
+        raw = os.getxattr(mountpoint, introspection.STATUS)
+    except OSError as error:
+        raise CommandError(
+            EXIT_MOUNTPOINT, f"{mountpoint} is not a live unionfs mount ({error.strerror})"
+        ) from None
+    document: dict[str, Any] = json.loads(raw)
+    return document
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for directory, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
+def status(mountpoint: str | None) -> int:
+    targets = [mountpoint] if mountpoint else unionfs_mounts()
+    if mountpoint and os.path.realpath(mountpoint) not in mounted_paths():
+        raise CommandError(EXIT_MOUNTPOINT, f"{mountpoint} is not mounted")
+    if not targets:
+        print("no unionfs mounts")
+        return 0
+    for target in targets:
+        document = mount_status(target)
+        upper = document.get("upper")
+        print(f"{document['mountpoint']}  (pid {document['pid']})")
+        for index, layer in enumerate(reversed(document["lowers"])):
+            print(f"  lower {index}: {layer}")
+        if upper:
+            print(f"  upper:   {upper}  ({_tree_size(upper) // 1024} KiB)")
+        else:
+            print("  upper:   none (read-only)")
+        print(
+            f"  copy-ups {document['copy_ups']}, bytes copied {document['bytes_copied']}, "
+            f"whiteouts {document['whiteouts']}, open files {document['open_files']}"
+        )
+    return 0
+
+
+def which(path: str) -> int:
+    try:
+        raw = os.getxattr(path, introspection.ORIGIN, follow_symlinks=False)
+    except FileNotFoundError:
+        raise CommandError(EXIT_FAILURE, f"{path} does not exist") from None
+    except OSError as error:
+        raise CommandError(
+            EXIT_FAILURE, f"{path} is not inside a unionfs mount ({error.strerror})"
+        ) from None
+    document = json.loads(raw)
+    kind = "upper" if document["upper"] else "lower"
+    print(f"{document['layer']}{document['path'] if document['path'] != '/' else ''}  ({kind})")
+    merged = document.get("layers") or []
+    for layer in merged if document["upper"] else merged[1:]:
+        print(f"  also merged from {layer}")
+    return 0
+
+
+def import_image(image: str, dest: str) -> int:
+    from unionfs import oci
+
+    try:
+        result = oci.import_image(
+            Path(image),
+            Path(dest),
+            progress=sys.stderr.isatty(),
+            warn=lambda message: print(f"unionfs: warning: {message}", file=sys.stderr),
+        )
+    except oci.ImageError as error:
+        raise CommandError(EXIT_LAYER, str(error)) from None
+    for layer in result.new_layers:
+        print(f"{layer.directory}  {layer.digest}")
+    print(f"manifest {result.manifest} ({len(result.layers)} layers)")
+    return 0
+
+
+def diff(source: str, output: str, lowers: list[str]) -> int:
+    """Export an upper layer (or a live mount's upper) as an OCI layer tarball."""
+    from unionfs import oci
+
+    upper = source
+    lower_paths = [Path(layer) for layer in lowers]
+    if os.path.realpath(source) in mounted_paths():
+        document = mount_status(source)
+        if not document.get("upper"):
+            raise CommandError(EXIT_MOUNTPOINT, f"{source} is read-only: nothing to export")
+        upper = document["upper"]
+        lower_paths = lower_paths or [Path(layer) for layer in document["lowers"]]
+    if not os.path.isdir(upper):
+        raise CommandError(EXIT_LAYER, f"upper {upper} is not a directory")
+    try:
+        result = oci.diff_upper(
+            Path(upper), Path(output), progress=sys.stderr.isatty(), lowers=lower_paths or None
+        )
+    except oci.ImageError as error:
+        raise CommandError(EXIT_LAYER, str(error)) from None
+    for warning in result.warnings:
+        print(f"unionfs: warning: {warning}", file=sys.stderr)
+    print(result.summary())
+    return 0
+
+
+def image_layers(dest: str) -> list[str]:
+    from unionfs import oci
+
+    try:
+        return [str(path) for path in oci.image_layers(Path(dest))]
+    except oci.ImageError as error:
+        raise CommandError(EXIT_LAYER, str(error)) from None
+
+
+def run(layers: list[str], command: list[str], upper: str | None, image: str | None) -> int:
+    from unionfs import oci
+    from unionfs import run as runner
+
+    environment = None
+    if image is not None:
+        layers = image_layers(image) + layers
+        config = oci.image_config(Path(image))
+        command = runner.image_command(config, command)
+        environment = runner.image_env(config)
+    if not layers:
+        raise CommandError(EXIT_LAYER, "no layers to run in")
+    try:
+        return runner.run_in_union(
+            [Path(layer) for layer in layers],
+            command,
+            upper=Path(upper) if upper else None,
+            env=environment,
+        )
+    except runner.RunError as error:
+        raise CommandError(error.exit_code, str(error)) from None
