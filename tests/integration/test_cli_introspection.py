@@ -1,0 +1,83 @@
+"""status / which / mount --image / the fuse-overlayfs -o form / uid mapping, through mounts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import TmpLayers
+from tests.support.mounts import fuse_mounted, unionfs_mounted
+
+
+def unionfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "unionfs", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_status_and_which(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    layers = tmp_layers({"base": "b", "d/x": "1"}, {"top": "t", "d/y": "2"})
+    with unionfs_mounted(layers, mountpoint, upper=tmp_path / "up",
+                         workdir=tmp_path / "work") as mnt:
+        (mnt / "base").write_text("changed")
+        (mnt / "top").unlink()
+        result = unionfs("status", str(mnt))
+        assert result.returncode == 0, result.stderr
+        assert str(layers[0]) in result.stdout and str(tmp_path / "up") in result.stdout
+        assert "copy-ups 1" in result.stdout and "whiteouts 1" in result.stdout
+        assert str(mnt) in unionfs("status").stdout
+        assert unionfs("which", str(mnt / "base")).stdout.startswith(str(tmp_path / "up"))
+        assert unionfs("which", str(mnt / "d/y")).stdout.startswith(str(layers[1] / "d/y"))
+        merged = unionfs("which", str(mnt / "d")).stdout
+        assert str(layers[0]) in merged and str(layers[1]) in merged
+        document = json.loads(os.getxattr(mnt, "user.unionfs.status"))
+        assert document["lowers"] == [str(layer) for layer in layers]
+        assert "user.unionfs.status" not in os.listxattr(mnt)
+    gone = unionfs("status", str(mountpoint))
+    assert gone.returncode == 4 and "not mounted" in gone.stderr
+
+
+def test_which_outside_a_mount(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    result = unionfs("which", str(tmp_path / "f"))
+    assert result.returncode == 1 and "not inside a unionfs mount" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_fuse_overlayfs_form(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
+    base, top = tmp_layers({"f": "base", "g": "g"}, {"f": "top"})
+    (tmp_path / "up").mkdir()
+    (tmp_path / "work").mkdir()
+    argv = [sys.executable, "-m", "unionfs", "-o",
+            f"lowerdir={top}:{base},upperdir={tmp_path / 'up'},workdir={tmp_path / 'work'},"
+            'context="system_u:object_r:container_file_t:s0:c1,c2",noacl,fsync=0',
+            str(mountpoint)]
+    with fuse_mounted(argv, mountpoint, marker="unionfs") as mnt:
+        assert (mnt / "f").read_text() == "top"
+        (mnt / "g").write_text("written")
+        assert os.statvfs(mnt).f_namemax > 0
+        statfs = subprocess.run(["stat", "-f", "-c", "%t", str(mnt)], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        assert statfs == "65735546"  # FUSE_SUPER_MAGIC, what containers/storage checks
+    assert (tmp_path / "up/g").read_text() == "written"
+
+
+@pytest.mark.root
+def test_uid_mapping_through_mount(tmp_layers: TmpLayers, tmp_path: Path,
+                                   mountpoint: Path) -> None:
+    layers = tmp_layers({"owned": "x"})
+    os.chown(layers[0] / "owned", 100000, 100000)
+    with unionfs_mounted(layers, mountpoint, upper=tmp_path / "up", workdir=tmp_path / "work",
+                         options=["uidmapping=0:100000:65536", "gidmapping=0:100000:65536"]) as mnt:
+        st = (mnt / "owned").stat()
+        assert (st.st_uid, st.st_gid) == (0, 0)
+        os.chown(mnt / "owned", 5, 6)
+        assert ((mnt / "owned").stat().st_uid, (mnt / "owned").stat().st_gid) == (5, 6)
+        stored = (tmp_path / "up/owned").stat()
+        assert (stored.st_uid, stored.st_gid) == (100005, 100006)
+        (mnt / "new").write_text("n")  # created by root (container 0) -> host 100000
+        assert (tmp_path / "up/new").stat().st_uid == 100000
