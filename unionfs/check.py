@@ -1,0 +1,459 @@
+"""Offline checker of an upper layer (and its work directory): find and repair what a crash
+or a foreign tool can leave behind.
+
+``check_upper(upper, workdir, lowers, repair=...)`` walks the upper layer without following
+any symlink (every directory is opened relative to its parent with ``O_NOFOLLOW``) and
+reports:
+
+- ``orphan``: anything in ``WORKDIR/work`` (temporary copy-ups, half-made directories and
+  whiteouts named ``#unionfs.*``); the work area is private scratch, so repair removes it.
+- ``malformed-whiteout``: a ``.wh.NAME`` that is not an empty regular file, or whose target
+  is no name at all (``.wh.``, ``.wh..``, ``.wh...``, ...); reported, not repaired (it may be
+  user data from a foreign tool).
+- ``malformed-opaque``: a ``.wh..wh..opq`` that is not an empty regular file, or an opaque
+  xattr whose value is neither ``y`` nor ``x``; reported.
+- ``opaque-both-forms``: a directory marked opaque by an xattr and by ``.wh..wh..opq``;
+  repair removes the redundant marker file (the xattr is the overlay format's own form).
+- ``half-opaque``: a directory ``NAME`` next to an OCI whiteout ``.wh.NAME`` in the same
+  upper directory, the state ``mkdir`` over an OCI whiteout is in between its two steps (the
+  merged view already hides the lower ``NAME``); repair marks the directory opaque (in the
+  form the layer uses) and removes ``.wh.NAME``, which gives the same view.
+- ``stale-whiteout``: a regular file/symlink/device ``NAME`` next to ``.wh.NAME`` (create over
+  an OCI whiteout interrupted before the whiteout was removed); repair removes ``.wh.NAME``.
+- ``invalid-redirect``: an ``overlay.redirect`` that is empty, climbs (``..``), is relative
+  with a ``/``, or sits on a non-directory; reported.
+- ``dangling-redirect``: (when ``lowers`` are given) a valid redirect naming a path that is a
+  directory in no lower layer; reported.
+- ``dangling-whiteout``: (when ``lowers`` are given) a whiteout hiding a name that exists in
+  no lower layer at that merged position; harmless, repair removes it.
+
+Run it only while no mount uses the upper: the work area of a live mount is in use.
+Paths in the report start with ``/`` (relative to the upper) or ``work/``; bytes that are
+not printable ASCII are escaped as in a Python ``bytes`` repr, so a report line is one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unionfs import safeio, whiteout
+from unionfs.safeio import RelPath
+
+WORK_NAME = b"work"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding. ``path`` is relative to the upper (or to the workdir for orphans)."""
+
+    kind: str
+    path: str
+    detail: str
+    repairable: bool
+
+
+@dataclass
+class CheckReport:
+    upper: Path
+    workdir: Path | None
+    found: list[Problem] = field(default_factory=list)
+    repaired: list[Problem] = field(default_factory=list)
+    left: list[Problem] = field(default_factory=list)
+    entries_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem remains (none found, or every one repaired)."""
+        return not self.left
+
+    @property
+    def only_repairable(self) -> bool:
+        """True when every problem found was (or could be) repaired."""
+        return all(problem.repairable for problem in self.found)
+
+
+def _show(path: RelPath) -> str:
+    """A printable path: bytes that are not printable ASCII are escaped as in ``repr``."""
+    return "/" + "/".join(repr(part)[2:-1] for part in path)
+
+
+def _lower_kind(lowers: list[int], path: RelPath) -> int | None:
+    """S_IFMT of ``path`` in the first lower layer holding it (None: in none of them)."""
+    for root_fd in lowers:
+        fd = root_fd
+        opened: list[int] = []
+        try:
+            for part in path[:-1]:
+                try:
+                    fd = safeio.open_dir(fd, part)
+                except OSError:
+                    fd = -1
+                    break
+                opened.append(fd)
+            if fd < 0:
+                continue
+            if not path:
+                return stat.S_IFDIR
+            st = safeio.try_lstat(fd, path[-1])
+            if st is not None:
+                return stat.S_IFMT(st.st_mode)
+        except OSError:
+            continue
+        finally:
+            for opened_fd in opened:
+                os.close(opened_fd)
+    return None
+
+
+class _Checker:
+    def __init__(self, report: CheckReport, repair: bool, lower_fds: list[int] | None) -> None:
+        self.report = report
+        self.repair = repair
+        self.lowers = lower_fds
+        self.privileged = os.geteuid() == 0
+
+    def problem(
+        self, kind: str, path: str, detail: str, fix: Callable[[], None] | None = None
+    ) -> None:
+        """Record a problem; ``fix`` (a callable) repairs it when repairing."""
+        found = Problem(kind, path, detail, repairable=fix is not None)
+        self.report.found.append(found)
+        if self.repair and fix is not None:
+            try:
+                fix()
+            except OSError as error:
+                self.report.left.append(
+                    Problem(kind, path, f"{detail}; repair failed: {error.strerror}", False)
+                )
+                return
+            self.report.repaired.append(found)
+        else:
+            self.report.left.append(found)
+
+    # work area -----------------------------------------------------------------------
+    def check_work(self, workdir: Path) -> None:
+        try:
+            base_fd = safeio.open_root(str(workdir))
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                work_fd = safeio.open_dir(base_fd, WORK_NAME)
+            except FileNotFoundError:
+                return
+            try:
+                for name, kind in sorted(safeio.list_dir(work_fd)):
+                    what = "directory" if kind == stat.S_IFDIR else "entry"
+                    prefix = "temporary" if name.startswith(b"#unionfs.") else "foreign"
+
+                    def fix(name: bytes = name) -> None:
+                        safeio.remove_tree(work_fd, name)
+
+                    self.problem(
+                        "orphan",
+                        "work/" + repr(name)[2:-1],
+                        f"{prefix} {what} left in the work area",
+                        fix,
+                    )
+            finally:
+                os.close(work_fd)
+        finally:
+            os.close(base_fd)
+
+    # upper tree ----------------------------------------------------------------------
+    def walk(self, root_fd: int) -> None:
+        # Iterative depth-first walk holding one fd per level (never one per sibling).
+        # ``lower`` is a directory's path in the lower layers (None: nothing shows through).
+        frames: list[tuple[int, RelPath, list[tuple[bytes, RelPath | None]]]] = []
+        frames.append((root_fd, (), self.check_dir(root_fd, (), ())))
+        try:
+            while frames:
+                fd, path, pending = frames[-1]
+                if not pending:
+                    frames.pop()
+                    if frames:
+                        os.close(fd)
+                    continue
+                name, child_lower = pending.pop()
+                child_path = (*path, name)
+                try:
+                    child_fd = safeio.open_dir(fd, name)
+                except OSError as error:
+                    if error.errno == errno.EMFILE:
+                        raise
+                    self.problem("unreadable", _show(child_path), f"cannot open: {error.strerror}")
+                    continue
+                try:
+                    children = self.check_dir(child_fd, child_path, child_lower)
+                except BaseException:
+                    os.close(child_fd)
+                    raise
+                frames.append((child_fd, child_path, children))
+        finally:
+            for fd, _path, _pending in frames[1:]:
+                os.close(fd)
+
+    def check_dir(
+        self, fd: int, path: RelPath, lower: RelPath | None
+    ) -> list[tuple[bytes, RelPath | None]]:
+        """Check one directory's entries; return its subdirectories to descend into."""
+        entries = safeio.list_dir(fd)
+        names = {name: kind for name, kind in entries}
+        self.report.entries_checked += len(entries)
+        children: list[tuple[bytes, RelPath | None]] = []
+        for name, _kind in sorted(entries, reverse=True):
+            child_path = (*path, name)
+            shown = _show(child_path)
+            if name == whiteout.OCI_OPAQUE_MARKER:
+                self.check_marker_file(fd, name, shown, "malformed-opaque")
+                continue
+            if name.startswith(whiteout.OCI_WHITEOUT_PREFIX):
+                self.check_oci_whiteout(fd, path, name, names, lower)
+                continue
+            st = safeio.try_lstat(fd, name)
+            if st is None:
+                continue
+            if safeio.is_whiteout_device(st):
+                self.check_dangling_whiteout(fd, path, name, name, lower, shown)
+                continue
+            redirect_values = [
+                (attribute, safeio.get_xattr(fd, name, attribute))
+                for attribute in whiteout.REDIRECT_XATTRS
+            ]
+            redirects = [(a, v) for a, v in redirect_values if v is not None]
+            if not stat.S_ISDIR(st.st_mode):
+                for attribute, _value in redirects:
+                    self.problem("invalid-redirect", shown, f"{attribute} on a non-directory")
+                continue
+            children.append((name, self.check_subdir(fd, name, shown, redirects, lower)))
+        return children
+
+    def check_marker_file(self, fd: int, name: bytes, shown: str, kind: str) -> None:
+        st = safeio.try_lstat(fd, name)
+        if st is None:
+            return
+        if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+            self.problem(kind, shown, "marker is not an empty regular file")
+
+    def check_oci_whiteout(
+        self,
+        fd: int,
+        path: RelPath,
+        name: bytes,
+        names: dict[bytes, int],
+        lower: RelPath | None,
+    ) -> None:
+        shown = _show((*path, name))
+        target = whiteout.oci_whiteout_target(name)
+        if target is None:
+            self.problem("malformed-whiteout", shown, "whiteout of no valid name")
+            return
+        st = safeio.try_lstat(fd, name)
+        if st is None:
+            return
+        if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+            self.problem("malformed-whiteout", shown, "whiteout is not an empty regular file")
+            return
+        if target in names:
+
+            def remove_whiteout() -> None:
+                os.unlink(name, dir_fd=fd)
+
+            if names[target] == stat.S_IFDIR:
+
+                def finish_opaque() -> None:
+                    self.mark_opaque(fd, target, oci=True)
+                    remove_whiteout()
+
+                self.problem(
+                    "half-opaque",
+                    _show((*path, target)),
+                    "directory next to its own whiteout (mkdir over a whiteout interrupted)",
+                    finish_opaque,
+                )
+            else:
+                self.problem(
+                    "stale-whiteout",
+                    shown,
+                    "whiteout next to the entry it hides (create interrupted)",
+                    remove_whiteout,
+                )
+            return
+        self.check_dangling_whiteout(fd, path, name, target, lower, shown)
+
+    def check_dangling_whiteout(
+        self,
+        fd: int,
+        path: RelPath,
+        name: bytes,
+        target: bytes,
+        lower: RelPath | None,
+        shown: str,
+    ) -> None:
+        if self.lowers is None:
+            return
+        if lower is not None and _lower_kind(self.lowers, (*lower, target)) is not None:
+            return
+
+        def remove() -> None:
+            os.unlink(name, dir_fd=fd)
+
+        self.problem("dangling-whiteout", shown, "hides nothing in any lower layer", remove)
+
+    def mark_opaque(self, fd: int, name: bytes, *, oci: bool) -> None:
+        if not oci:
+            prefix = whiteout.TRUSTED_PREFIX if self.privileged else whiteout.USER_PREFIX
+            safeio.set_xattr(fd, name, prefix + "opaque", b"y")
+            return
+        child_fd = safeio.open_dir(fd, name)
+        try:
+            os.close(
+                safeio.open_file(
+                    child_fd, whiteout.OCI_OPAQUE_MARKER, os.O_CREAT | os.O_WRONLY, 0o600
+                )
+            )
+        finally:
+            os.close(child_fd)
+
+    def check_subdir(
+        self,
+        fd: int,
+        name: bytes,
+        shown: str,
+        redirects: list[tuple[str, bytes]],
+        lower: RelPath | None,
+    ) -> RelPath | None:
+        """Check a directory's markers; return its path in the lower layers (None when
+        lower layers show nothing below it)."""
+        opaque_values = {
+            attribute: safeio.get_xattr(fd, name, attribute) for attribute in whiteout.OPAQUE_XATTRS
+        }
+        opaque_xattr = False
+        for attribute, value in opaque_values.items():
+            if value is None:
+                continue
+            if whiteout.opaque_value_means_opaque(value):
+                opaque_xattr = True
+            elif not whiteout.opaque_value_allows_xattr_whiteouts(value):
+                self.problem(
+                    "malformed-opaque", shown, f"{attribute}={value!r} is neither 'y' nor 'x'"
+                )
+        marker = None
+        try:
+            child_fd = safeio.open_dir(fd, name)
+        except OSError:
+            child_fd = -1
+        if child_fd >= 0:
+            try:
+                marker = safeio.try_lstat(child_fd, whiteout.OCI_OPAQUE_MARKER)
+            finally:
+                os.close(child_fd)
+        if opaque_xattr and marker is not None and stat.S_ISREG(marker.st_mode):
+
+            def drop_marker() -> None:
+                inner = safeio.open_dir(fd, name)
+                try:
+                    os.unlink(whiteout.OCI_OPAQUE_MARKER, dir_fd=inner)
+                finally:
+                    os.close(inner)
+
+            self.problem(
+                "opaque-both-forms",
+                shown,
+                "opaque by xattr and by .wh..wh..opq",
+                drop_marker if marker.st_size == 0 else None,
+            )
+        if opaque_xattr or marker is not None:
+            return None
+        child_lower = None if lower is None else (*lower, name)
+        for attribute, value in redirects:
+            parsed = whiteout.parse_redirect(value)
+            if parsed is None:
+                self.problem("invalid-redirect", shown, f"{attribute}={value!r} is not valid")
+                continue
+            absolute, parts = parsed
+            if absolute:
+                child_lower = parts
+            else:
+                child_lower = None if lower is None else (*lower, parts[0])
+            if self.lowers is not None and (
+                child_lower is None or _lower_kind(self.lowers, child_lower) != stat.S_IFDIR
+            ):
+                self.problem(
+                    "dangling-redirect",
+                    shown,
+                    f"{attribute}={value!r} names no directory in any lower layer",
+                )
+        return child_lower
+
+
+def check_upper(
+    upper: Path,
+    workdir: Path | None,
+    lowers: list[Path] | None,
+    *,
+    repair: bool,
+) -> CheckReport:
+    """Check (and with ``repair`` fix what is safe) an upper layer that no mount is using.
+
+    ``lowers`` (any order) enables the checks against lower layers (dangling redirects and
+    whiteouts); ``workdir`` enables the work area check. Raises ``OSError`` when the upper
+    itself cannot be opened.
+    """
+    report = CheckReport(Path(upper), Path(workdir) if workdir is not None else None)
+    lower_fds: list[int] | None = None
+    if lowers is not None:
+        lower_fds = [safeio.open_root(str(path)) for path in lowers]
+    root_fd = safeio.open_root(str(upper))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        # The walk holds one fd per level: let very deep trees (depth > 1000) be walked.
+        wanted = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+        if wanted > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    try:
+        checker = _Checker(report, repair, lower_fds)
+        if workdir is not None:
+            checker.check_work(Path(workdir))
+        try:
+            checker.walk(root_fd)
+        except OSError as error:
+            if error.errno != errno.EMFILE:
+                raise
+            report.left.append(Problem("incomplete", "/", "too deep to walk: out of fds", False))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(root_fd)
+        for fd in lower_fds or []:
+            os.close(fd)
+    return report
+
+
+def format_report(report: CheckReport) -> str:
+    """A human-readable report: one line per problem, then a summary line."""
+    lines = []
+    repaired = {id(problem) for problem in report.repaired}
+    for problem in report.found:
+        if id(problem) in repaired:
+            state = "repaired"
+        elif problem.repairable:
+            state = "repairable"
+        else:
+            state = "left"
+        lines.append(f"{state:10} {problem.kind:18} {problem.path!s}: {problem.detail}")
+    for problem in report.left:
+        if problem not in report.found:
+            lines.append(f"{'left':10} {problem.kind:18} {problem.path!s}: {problem.detail}")
+    summary = (
+        f"{report.upper}: {report.entries_checked} entries checked, "
+        f"{len(report.found)} problems found, {len(report.repaired)} repaired, "
+        f"{len(report.left)} left"
+    )
+    lines.append(summary + (" - clean" if report.ok else ""))
+    return "\n".join(lines) + "\n"
