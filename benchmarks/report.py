@@ -308,7 +308,14 @@ def update_readme(document: dict[str, Any], path: Path = README) -> bool:
     else:
         heading = re.search(r"^## Benchmarks[^\n]*\n", text, re.MULTILINE)
         if heading:
-            new = text[: heading.end()] + "\n" + section + "\n" + text[heading.end() :]
+            following = re.search(r"^## ", text[heading.end() :], re.MULTILINE)
+            end = heading.end() + (following.start() if following else len(text))
+            body = text[heading.end() : end]
+            if len(body.strip()) < 200:
+                # A placeholder ("Not measured yet.") gives way to the generated section.
+                new = text[: heading.end()] + "\n" + section + "\n\n" + text[end:]
+            else:
+                new = text[: heading.end()] + "\n" + section + "\n" + text[heading.end() :]
         else:
             new = text.rstrip("\n") + "\n\n## Benchmarks\n\n" + section + "\n"
     if new == text:
