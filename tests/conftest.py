@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,10 @@ import pytest
 
 from tests.support import LayerSpec, TmpLayers, write_layer
 from tests.support.mounts import mounts_under, overlay_available, unmount_fuse
+
+# pytest deletes old temporary directories with shutil.rmtree, which recurses once per level:
+# a test that builds a tree deeper than the default limit (1000) would crash a later session.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -1,0 +1,240 @@
+"""The CLI's mount lifecycle through real mounts: background and foreground mounts, ``umount``,
+the fuse-overlayfs command line, an ordinary user, and the example image ``scripts/demo`` shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.mounts import (
+    daemon_pids,
+    is_mounted,
+    mount_entry,
+    pid_from_log,
+    unionfs_mounted,
+    unmount_fuse,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "scripts" / "example"
+EXAMPLE_LAYERS = [EXAMPLE / "layers" / name for name in ("1-base", "2-update", "3-app")]
+
+pytestmark = pytest.mark.skipif(
+    not os.access("/dev/fuse", os.R_OK | os.W_OK),
+    reason="needs a usable /dev/fuse (root, or mode 0666: scripts/test sets it as root)",
+)
+
+
+def tree(root: Path) -> list[str]:
+    """``TYPE PATH`` lines as ``find -printf '%y %P'`` prints them, sorted by path."""
+    lines = []
+    for directory, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(directory) / name
+            mode = path.lstat().st_mode
+            kind = (
+                "l" if stat.S_ISLNK(mode) else "d" if stat.S_ISDIR(mode) else
+                "f" if stat.S_ISREG(mode) else "?"
+            )  # fmt: skip
+            lines.append(f"{kind} {path.relative_to(root)}")
+    return sorted(lines, key=lambda line: line.split(" ", 1)[1].encode())
+
+
+def test_example_image_shows_the_documented_merged_view(mountpoint: Path) -> None:
+    expected = (EXAMPLE / "expected-tree.txt").read_text().splitlines()
+    with unionfs_mounted(EXAMPLE_LAYERS, mountpoint) as mounted:
+        assert tree(mounted) == expected
+        assert "2-update (v2)" in (mounted / "usr" / "bin" / "hello").read_text()
+        assert os.readlink(mounted / "usr" / "bin" / "hi") == "hello"
+        assert (mounted / "srv" / "config").read_text().startswith("listen=8080")
+        assert os.listdir(mounted / "opt" / "old") == ["new.txt"]
+        assert not (mounted / "etc" / "motd").exists()
+        result = subprocess.run(
+            [str(mounted / "usr" / "bin" / "hi")], capture_output=True, text=True, timeout=30
+        )
+        assert result.stdout == "hello from layer 2-update (v2)\n"
+
+
+def test_mount_shows_as_unionfs_in_proc_mounts(tmp_path: Path, mountpoint: Path) -> None:
+    with unionfs_mounted(EXAMPLE_LAYERS[:1], mountpoint) as mounted:
+        entry = mount_entry(mounted)
+        assert entry is not None
+        assert (entry.fstype, entry.source) == ("fuse.unionfs", "unionfs")
+
+
+def test_umount_subcommand_unmounts_and_the_daemon_exits(tmp_path: Path, mountpoint: Path) -> None:
+    log = tmp_path / "daemon.log"
+    with unionfs_mounted(EXAMPLE_LAYERS, mountpoint, log=log) as mounted:
+        pid = pid_from_log(log)
+        pids = [pid] if pid else daemon_pids(mounted, "unionfs")
+        assert pids, "no daemon found for a live mount"
+        result = subprocess.run(
+            [sys.executable, "-m", "unionfs", "umount", str(mounted)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(mounted)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(Path(f"/proc/{p}").exists() for p in pids), "daemon still runs after umount"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_foreground_mount_unmounts_cleanly_on_signal(
+    tmp_path: Path, mountpoint: Path, sig: signal.Signals
+) -> None:
+    log = tmp_path / "daemon.log"
+    argv = [sys.executable, "-m", "unionfs", "mount", "-f", "--log", str(log)]
+    argv += [*map(str, EXAMPLE_LAYERS), str(mountpoint)]
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mountpoint) and process.poll() is None:
+            assert time.monotonic() < deadline, "foreground mount not live within 30 s"
+            time.sleep(0.05)
+        assert process.poll() is None, f"exited early: {process.communicate()}"
+        assert (mountpoint / "etc" / "hostname").read_text() == "unionfs-demo\n"
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=15)
+        assert process.returncode == 0, f"exit {process.returncode}: {stderr}"
+        assert "Traceback" not in stderr + log.read_text()
+        assert not is_mounted(mountpoint)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        unmount_fuse(mountpoint)
+
+
+def test_fuse_overlayfs_command_line_lists_lowers_top_first(
+    tmp_path: Path, mountpoint: Path
+) -> None:
+    lowerdir = ":".join(str(layer) for layer in reversed(EXAMPLE_LAYERS))
+    result = subprocess.run(
+        [sys.executable, "-m", "unionfs", "-o", f"lowerdir={lowerdir}", str(mountpoint)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    try:
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mountpoint)
+        expected = (EXAMPLE / "expected-tree.txt").read_text().splitlines()
+        assert tree(mountpoint) == expected
+    finally:
+        unmount_fuse(mountpoint, pids=daemon_pids(mountpoint, "unionfs"))
+
+
+def test_fuse_overlayfs_form_with_upper_writes_there(tmp_path: Path, mountpoint: Path) -> None:
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    lowerdir = ":".join(str(layer) for layer in reversed(EXAMPLE_LAYERS))
+    options = f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
+    result = subprocess.run(
+        [sys.executable, "-m", "unionfs", "-o", options, str(mountpoint)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    try:
+        assert result.returncode == 0, result.stderr
+        (mountpoint / "new.txt").write_text("new\n")
+    finally:
+        unmount_fuse(mountpoint, pids=daemon_pids(mountpoint, "unionfs"))
+    assert (upper / "new.txt").read_text() == "new\n"
+
+
+# ---------------------------------------------------------------------------- an ordinary user
+
+TEST_USER = "unionfs-test"
+
+
+@pytest.fixture(scope="module")
+def ordinary_user() -> Iterator[pwd.struct_passwd]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create an ordinary user (CI runs as root)")
+    if shutil.which("useradd") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs useradd and setpriv")
+    created = False
+    try:
+        user = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+            check=True,
+            capture_output=True,
+        )
+        created = True
+        user = pwd.getpwnam(TEST_USER)
+    yield user
+    if created:
+        subprocess.run(["userdel", TEST_USER], check=False, capture_output=True)
+
+
+def run_as(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:
+    setpriv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+    return subprocess.run(
+        [*setpriv, "--", *argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        env={**os.environ, "HOME": "/"},
+    )
+
+
+def as_user(user: pwd.struct_passwd, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_as(user, sys.executable, "-m", "unionfs", *args)
+
+
+@pytest.mark.root
+def test_ordinary_user_mounts_and_unmounts(ordinary_user: pwd.struct_passwd) -> None:
+    if os.stat("/dev/fuse").st_mode & 0o006 != 0o006:
+        pytest.skip("/dev/fuse is not usable by ordinary users here (scripts/test makes it 0666)")
+    if as_user(ordinary_user, "--version").returncode != 0:
+        pytest.skip(f"{sys.executable} is not usable by an ordinary user")
+    with contextlib.ExitStack() as stack:
+        shared = Path(tempfile.mkdtemp(prefix="unionfs-user-"))
+        stack.callback(shutil.rmtree, shared, True)
+        shared.chmod(0o755)
+        # A copy of the layers the user can surely read (the clone may sit in a private home).
+        layers = [
+            shutil.copytree(layer, shared / layer.name, symlinks=True) for layer in EXAMPLE_LAYERS
+        ]
+        mountpoint = shared / "mnt"
+        mountpoint.mkdir()
+        os.chown(mountpoint, ordinary_user.pw_uid, ordinary_user.pw_gid)
+        result = as_user(ordinary_user, "mount", *map(str, layers), str(mountpoint))
+        stack.callback(unmount_fuse, mountpoint)
+        assert result.returncode == 0, result.stderr
+        entry = mount_entry(mountpoint)
+        assert entry is not None and f"user_id={ordinary_user.pw_uid}" in entry.options
+        # Without allow_other only the mounting user may enter the mount (not even root).
+        read = run_as(ordinary_user, "cat", str(mountpoint / "etc" / "hostname"))
+        assert read.stdout == "unionfs-demo\n", read.stderr
+        result = as_user(ordinary_user, "umount", str(mountpoint))
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(mountpoint)
