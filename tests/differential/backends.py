@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,26 @@ class Backend:
             workdir.mkdir(parents=True, exist_ok=True)
         if self.name == "kernel":
             options = KERNEL_WRITABLE_OPTIONS if upper is not None else ()
-            with overlay_mounted(
-                lowers_base_first, mountpoint, upper=upper, workdir=workdir, options=options
-            ) as path:
+            with contextlib.ExitStack() as stack:
+                # An upper dir stays "in use" (EBUSY) after umount(8) returns while any other
+                # mount namespace created meanwhile (podman, bwrap, unshare run by other tests or
+                # processes) still holds a copy of the old mount; wait for it to go away.
+                for attempt in range(100):
+                    try:
+                        path = stack.enter_context(
+                            overlay_mounted(
+                                lowers_base_first,
+                                mountpoint,
+                                upper=upper,
+                                workdir=workdir,
+                                options=options,
+                            )
+                        )
+                        break
+                    except AssertionError as error:
+                        if "busy" not in str(error) or attempt == 99:
+                            raise
+                        time.sleep(0.1)
                 yield path
         elif self.name == "fuse-overlayfs":
             with fuse_overlayfs_mounted(

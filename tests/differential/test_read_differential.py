@@ -1,10 +1,10 @@
 """Read-only differential: for generated layer stacks, the system under test shows exactly the tree
 that read-only kernel overlayfs shows over the same layers.
 
-Compared per path: name, type, mode, owner, size, sha256 of content, symlink target, rdev,
-xattrs (only `security.*` ignored, so a leaked private overlay xattr is a difference), nlink of
-non-directories, mtime of non-directories, and hard-link grouping. Also: the lower layers are
-byte-for-byte and metadata-for-metadata unchanged afterwards.
+Compared (tests.differential.compare): per path name, type, mode, owner, size, sha256 of content,
+symlink target, rdev, xattrs (only `security.*` ignored, so a leaked private overlay xattr is a
+difference), nlink and mtime of non-directories; hard-link grouping; the mount root. Also: the
+lower layers are byte-for-byte and metadata-for-metadata unchanged afterwards.
 
 The OCI variant converts the overlay-format stack to `.wh.` files and mounts that on the system
 under test, against the kernel's view of the overlay-format original.
@@ -19,42 +19,18 @@ import pytest
 from hypothesis import given, settings
 
 from tests.differential.backends import ORACLE, Backend
+from tests.differential.compare import compare_views, view_of
 from tests.differential.conftest import Workspace, examples
 from tests.differential.layers import (
-    GENERATED_MTIME_LIMIT_NS,
     build_stack,
     convert_stack_to_oci,
     describe_stack,
     merged_view,
     stacks,
 )
-from tests.support.tree import (
-    Snapshot,
-    diff_fingerprints,
-    diff_link_groups,
-    diff_snapshots,
-    lower_fingerprint,
-    root_entry,
-    snapshot,
-)
+from tests.support.tree import diff_fingerprints, diff_snapshots, lower_fingerprint, snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_overlay")]
-
-#: Only host-set xattrs are ignored when comparing mounts; private overlay xattrs must not leak.
-MOUNT_EXCLUDED_XATTRS = (b"security.",)
-
-
-def view_of(mountpoint: Path) -> tuple[Snapshot, object]:
-    return (
-        snapshot(mountpoint, excluded_xattr_prefixes=MOUNT_EXCLUDED_XATTRS),
-        root_entry(mountpoint, excluded_xattr_prefixes=MOUNT_EXCLUDED_XATTRS),
-    )
-
-
-def compare(expected: Snapshot, got: Snapshot, names: tuple[str, str]) -> list[str]:
-    return diff_snapshots(
-        expected, got, names=names, mtime_since_ns=GENERATED_MTIME_LIMIT_NS
-    ) + diff_link_groups(expected, got, names=names)
 
 
 def check_stack(stack: list, sut: Backend, base: Path, oci: bool) -> None:  # type: ignore[type-arg]
@@ -62,20 +38,20 @@ def check_stack(stack: list, sut: Backend, base: Path, oci: bool) -> None:  # ty
     sut_layers = convert_stack_to_oci(layers, base / "oci") if oci else layers
     before = lower_fingerprint(layers + sut_layers)
     with ORACLE.mounted(layers, base / "kernel") as kernel_mount:
-        kernel, kernel_root = view_of(kernel_mount)
+        kernel = view_of(kernel_mount)
     with sut.mounted(sut_layers, base / "sut") as sut_mount:
-        got, got_root = view_of(sut_mount)
+        got = view_of(sut_mount)
     # The generator's model of the union must agree with the kernel, else the stack is outside
     # the domain the generator promises (a harness bug, not a filesystem bug).
     modelled = {"/".join(path) for path in merged_view(stack)}
-    assert modelled == set(kernel), (
+    kernel_paths = set(kernel[0])
+    assert modelled == kernel_paths, (
         "harness: merged_view() disagrees with the kernel on which paths exist: "
-        f"model only {sorted(modelled - set(kernel))}, kernel only {sorted(set(kernel) - modelled)}"
+        f"model only {sorted(modelled - kernel_paths)}, "
+        f"kernel only {sorted(kernel_paths - modelled)}"
         f"\n{describe_stack(stack)}"
     )
-    problems = compare(kernel, got, ("kernel", sut.name))
-    if kernel_root != got_root:
-        problems.append(f"mount root: kernel {kernel_root} != {sut.name} {got_root}")
+    problems = compare_views(kernel, got, ("kernel", sut.name))
     changed = diff_fingerprints(before, lower_fingerprint(layers + sut_layers))
     problems += [f"lower layer changed: {line}" for line in changed]
     assert not problems, (

@@ -1,0 +1,368 @@
+"""Named operation scripts for the table-driven differential test.
+
+Each `Scenario` has lower layers (base first, in a compact spec form), a list of operations, and
+`expect`: errnos some of its operations must give (on the kernel oracle *and* the system under
+test), so that each scenario asserts what its name claims even if both sides went wrong the same
+way. Everything else is compared between the kernel and the system under test.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+
+from tests.differential import ops as o
+from tests.differential.layers import BASE_MTIME_NS, Layer, Node, Stack
+from tests.differential.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op
+
+DIR = Node("dir", mode=0o755)
+OPAQUE = Node("dir", mode=0o755, opaque=True)
+WHITEOUT = Node("whiteout")
+FIFO = Node("fifo")
+PAST_NS = BASE_MTIME_NS + 77_000_000_001  # an explicit utime value (old, so compared exactly)
+
+
+def sym(target: str) -> Node:
+    return Node("symlink", mode=0o777, target=target)
+
+
+def hard(existing: str) -> Node:
+    return Node("hardlink", target=existing)
+
+
+def file(content: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, **kwargs: object) -> Node:
+    return Node("file", content=content, mode=mode, uid=uid, gid=gid, **kwargs)  # type: ignore[arg-type]
+
+
+def layer(spec: dict[str, bytes | Node]) -> Layer:
+    """{"a/b": b"content" | Node}: parents become plain dirs unless listed."""
+    out: Layer = {}
+    for text, value in spec.items():
+        path = tuple(text.strip("/").split("/"))
+        for depth in range(1, len(path)):
+            out.setdefault(path[:depth], DIR)
+        out[path] = file(value) if isinstance(value, bytes) else value
+    return out
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    lowers: Stack
+    ops: list[Op]
+    expect: dict[int, int] = field(default_factory=dict)  # op index -> errno (0 = success)
+
+
+ENOENT, ENOTEMPTY, EEXIST, EXDEV = errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.EXDEV
+
+TWO_LAYER_TREE = [
+    layer(
+        {
+            "d/base": b"base file\n",
+            "d/shadowed": b"old\n",
+            "d/sub/deep": b"deep\n",
+            "f": file(b"0123456789", mode=0o640, uid=1000, gid=1000, xattrs=(("user.k", b"v"),)),
+            "hl/one": b"linked content\n",
+            "hl/two": hard("hl/one"),
+            "gone": b"to be whited out\n",
+        }
+    ),
+    layer(
+        {
+            "d": Node("dir", mode=0o750, uid=1000, gid=100, xattrs=(("user.dir", b"x"),)),
+            "d/shadowed": b"new\n",
+            "d/top": b"top\n",
+            "gone": WHITEOUT,
+            "opq": OPAQUE,
+            "opq/inside": b"in opaque\n",
+            "link": sym("d/base"),
+            "abs": sym("/etc/passwd"),
+            "fifo": FIFO,
+        }
+    ),
+]
+
+# fmt: off
+SCENARIOS: list[Scenario] = [
+    Scenario(
+        "copy-up on write keeps mode, owner, xattrs",
+        TWO_LAYER_TREE,
+        [o.write("f", b"XY", 2), o.read("f"), o.lstat("f")],
+    ),
+    Scenario(
+        "copy-up on chmod, chown, utime keeps content and mtime",
+        TWO_LAYER_TREE,
+        [
+            o.chmod("d/base", 0o600),
+            o.chown("d/sub/deep", 1000, 1000),
+            o.utime("d/top", PAST_NS, PAST_NS),
+            o.read("d/base"),
+        ],
+    ),
+    Scenario(
+        "copy-up on setxattr and removexattr",
+        TWO_LAYER_TREE,
+        [
+            o.setxattr("f", "user.new", b"1"),
+            o.removexattr("f", "user.k"),
+            o.removexattr("d/base", "user.none"),
+            o.setxattr("d", "user.more", b"2"),
+        ],
+        expect={0: 0, 1: 0, 2: errno.ENODATA},
+    ),
+    Scenario(
+        "copy-up on truncate, O_TRUNC and append",
+        TWO_LAYER_TREE,
+        [
+            o.truncate("d/base", 3),
+            o.open_trunc("d/shadowed"),
+            o.append("d/sub/deep", b"+more"),
+            o.truncate_path("f", 100_000),
+            o.read("f"),
+        ],
+    ),
+    Scenario(
+        "copy-up of a deep file copies parent dirs with their metadata",
+        [
+            layer(
+                {
+                    "p": Node("dir", mode=0o711, uid=1000, gid=1000, xattrs=(("user.p", b"1"),)),
+                    "p/q": Node("dir", mode=0o2775, uid=0, gid=1000),
+                    "p/q/r": b"deep\n",
+                }
+            ),
+            layer({"other": b"x"}),
+        ],
+        [o.append("p/q/r", b"!"), o.create("p/q/new", b"n"), o.lstat("p/q/new")],
+    ),
+    Scenario(
+        "unlink of a lower file leaves a whiteout; create over it",
+        TWO_LAYER_TREE,
+        [
+            o.unlink("d/base"),
+            o.listdir("d"),
+            o.read("d/base"),
+            o.create("d/base", b"again"),
+            o.read("d/base"),
+            o.unlink("d/shadowed"),
+            o.listdir("d"),
+        ],
+        expect={0: 0, 2: ENOENT, 3: 0},
+    ),
+    Scenario(
+        "rmdir of a merged non-empty dir fails with ENOTEMPTY",
+        TWO_LAYER_TREE,
+        [o.rmdir("d"), o.unlink("d/top"), o.unlink("d/shadowed"), o.rmdir("d")],
+        expect={0: ENOTEMPTY, 3: ENOTEMPTY},
+    ),
+    Scenario(
+        "rmdir of a merged dir empty in the view, then mkdir gives an opaque dir",
+        TWO_LAYER_TREE,
+        [
+            o.unlink("d/base"),
+            o.unlink("d/shadowed"),
+            o.unlink("d/top"),
+            o.unlink("d/sub/deep"),
+            o.rmdir("d/sub"),
+            o.rmdir("d"),
+            o.mkdir("d"),
+            o.listdir("d"),
+            o.create("d/base", b"n"),
+            o.listdir("d"),
+        ],
+        expect={4: 0, 5: 0, 6: 0},
+    ),
+    Scenario(
+        "rmdir+mkdir of a lower dir hides old content (opaque)",
+        [layer({"x/a": b"1", "x/b": b"2"}), layer({"y": b"3"})],
+        [
+            o.unlink("x/a"),
+            o.unlink("x/b"),
+            o.rmdir("x"),
+            o.mkdir("x", 0o700),
+            o.listdir("x"),
+            o.read("x/a"),
+        ],
+        expect={2: 0, 5: ENOENT},
+    ),
+    Scenario(
+        "rename of a lower directory (redirect, no EXDEV)",
+        TWO_LAYER_TREE,
+        [
+            o.rename("d", "moved"),
+            o.listdir("moved"),
+            o.read("moved/sub/deep"),
+            o.listdir("."),
+            o.mkdir("d"),
+            o.listdir("d"),
+            o.write("moved/base", b"W"),
+            o.unlink("moved/top"),
+        ],
+        expect={0: 0, 4: 0},
+    ),
+    Scenario(
+        "rename of a lower dir twice and back, and into another dir",
+        TWO_LAYER_TREE,
+        [
+            o.rename("d", "e"),
+            o.rename("e", "hl/e"),
+            o.listdir("hl/e"),
+            o.rename("hl/e", "d"),
+            o.listdir("d"),
+            o.rename("d/sub", "sub2"),
+            o.read("sub2/deep"),
+        ],
+        expect={0: 0, 1: 0, 3: 0, 5: 0},
+    ),
+    Scenario(
+        "rename of a dir over an empty dir and over a non-empty one",
+        [layer({"a/x": b"1", "empty": DIR, "full/y": b"2"}), layer({"b": b""})],
+        [o.rename("a", "full"), o.rename("a", "empty"), o.listdir("empty"), o.read("empty/x")],
+        expect={0: ENOTEMPTY, 1: 0},
+    ),
+    Scenario(
+        "rename of files across layers and over existing targets",
+        TWO_LAYER_TREE,
+        [
+            o.rename("d/base", "d/top"),
+            o.rename("f", "d/shadowed"),
+            o.rename("d/top", "new"),
+            o.read("new"),
+            o.read("d/shadowed"),
+            o.listdir("d"),
+        ],
+        expect={0: 0, 1: 0, 2: 0},
+    ),
+    Scenario(
+        "rename over a whiteout",
+        TWO_LAYER_TREE,
+        [
+            o.unlink("d/base"),
+            o.rename("d/top", "d/base"),
+            o.read("d/base"),
+            o.rename("d/shadowed", "gone"),
+            o.read("gone"),
+        ],
+        expect={1: 0, 3: 0},
+    ),
+    Scenario(
+        "RENAME_NOREPLACE against lower, upper and whited-out targets",
+        TWO_LAYER_TREE,
+        [
+            o.rename("d/top", "d/base", RENAME_NOREPLACE),
+            o.create("up", b"u"),
+            o.rename("d/top", "up", RENAME_NOREPLACE),
+            o.unlink("d/base"),
+            o.rename("d/top", "d/base", RENAME_NOREPLACE),
+            o.rename("f", "gone", RENAME_NOREPLACE),
+        ],
+        expect={0: EEXIST, 2: EEXIST, 4: 0, 5: 0},
+    ),
+    Scenario(
+        "RENAME_EXCHANGE of lower/upper files and of a file with a dir",
+        TWO_LAYER_TREE,
+        [
+            o.create("up", b"upper"),
+            o.rename("up", "d/base", RENAME_EXCHANGE),
+            o.read("up"),
+            o.read("d/base"),
+            o.rename("f", "opq", RENAME_EXCHANGE),
+            o.listdir("f"),
+            o.rename("nothing", "f", RENAME_EXCHANGE),
+        ],
+        expect={1: 0, 6: ENOENT},
+    ),
+    Scenario(
+        "hard links survive copy-up",
+        TWO_LAYER_TREE,
+        [
+            o.write("hl/one", b"CHANGED"),
+            o.read("hl/two"),
+            o.lstat("hl/two"),
+            o.chmod("hl/two", 0o600),
+            o.lstat("hl/one"),
+        ],
+    ),
+    Scenario(
+        "link to a lower file, then write through the new name",
+        TWO_LAYER_TREE,
+        [
+            o.link("d/base", "newlink"),
+            o.lstat("d/base"),
+            o.append("newlink", b"more"),
+            o.read("d/base"),
+            o.unlink("d/base"),
+            o.lstat("newlink"),
+        ],
+        expect={0: 0},
+    ),
+    Scenario(
+        "unlink one name of a lower hard-link pair",
+        TWO_LAYER_TREE,
+        [o.unlink("hl/two"), o.lstat("hl/one"), o.write("hl/one", b"z")],
+    ),
+    Scenario(
+        "link over an existing name and to a dir fails",
+        TWO_LAYER_TREE,
+        [o.link("d/base", "f"), o.link("d", "dlink"), o.link("missing", "x")],
+        expect={0: EEXIST, 1: errno.EPERM, 2: ENOENT},
+    ),
+    Scenario(
+        "symlink, fifo and mkdir over whiteouts and in opaque dirs",
+        TWO_LAYER_TREE,
+        [
+            o.symlink("gone", "../etc/passwd"),
+            o.unlink("d/base"),
+            o.mkfifo("d/base", 0o600),
+            o.mkdir("opq/new"),
+            o.symlink("opq/new/l", "/abs"),
+            o.listdir("opq"),
+        ],
+        expect={0: 0, 2: 0},
+    ),
+    Scenario(
+        "rmdir of a lower dir in an opaque dir and of a missing/non-dir",
+        TWO_LAYER_TREE,
+        [o.unlink("opq/inside"), o.rmdir("opq"), o.rmdir("f"), o.rmdir("nope"), o.unlink("d")],
+        expect={1: 0, 2: errno.ENOTDIR, 3: ENOENT, 4: errno.EISDIR},
+    ),
+    Scenario(
+        "rename a dir into itself is EINVAL; over a file is ENOTDIR",
+        TWO_LAYER_TREE,
+        [o.rename("d", "d/sub/inner"), o.rename("d", "f"), o.rename("f", "d")],
+        expect={0: errno.EINVAL, 1: errno.ENOTDIR, 2: errno.EISDIR},
+    ),
+    Scenario(
+        "chown clears setuid, chmod of a lower dir",
+        [layer({"s": file(b"#!", mode=0o4755), "dd": DIR}), layer({})],
+        [o.chown("s", 1000, 1000), o.lstat("s"), o.chmod("dd", 0o1777), o.lstat("dd")],
+    ),
+    Scenario(
+        "private overlay xattrs cannot be set or seen through the mount",
+        TWO_LAYER_TREE,
+        [
+            o.setxattr("f", "trusted.overlay.opaque", b"y"),
+            o.setxattr("d", "trusted.overlay.opaque", b"y"),
+            o.listdir("d"),
+            o.setxattr("f", "trusted.plain", b"ok"),
+        ],
+        expect={3: 0},
+    ),
+    Scenario(
+        "writes into a file renamed from a lower dir tree, then delete the tree",
+        TWO_LAYER_TREE,
+        [
+            o.rename("d", "x"),
+            o.append("x/sub/deep", b"+"),
+            o.unlink("x/sub/deep"),
+            o.rmdir("x/sub"),
+            o.unlink("x/base"),
+            o.unlink("x/top"),
+            o.unlink("x/shadowed"),
+            o.rmdir("x"),
+            o.listdir("."),
+        ],
+        expect={7: 0},
+    ),
+]
+# fmt: on
