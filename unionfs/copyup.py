@@ -11,18 +11,20 @@ at once; big files are copied in a worker thread so other requests keep being se
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from collections.abc import Awaitable, Callable
 
 from unionfs import safeio, whiteout
-from unionfs.inodes import Node, merged_path
+from unionfs.inodes import Node, link_path, merged_path
 from unionfs.layer import Layer
 from unionfs.tree import MergedTree
 from unionfs.workdir import WorkDir
 
 THREAD_THRESHOLD = 1 << 20  # files bigger than this are copied off the event loop
+FULL, METADATA, EMPTY = "full", "metadata", "empty"  # what a copy-up must bring up
 RunInThread = Callable[[Callable[[], int]], Awaitable[int]]
 
 
@@ -46,8 +48,16 @@ def apply_path_metadata(dir_fd: int, name: bytes, st: os.stat_result, *, symlink
 
 class CopyUp:
     def __init__(
-        self, tree: MergedTree, upper: Layer, work: WorkDir, run_in_thread: RunInThread
+        self,
+        tree: MergedTree,
+        upper: Layer,
+        work: WorkDir,
+        run_in_thread: RunInThread,
+        *,
+        metacopy: bool = True,
     ) -> None:
+        self.metacopy = metacopy
+        self.prefix = whiteout.private_prefix()
         self.tree = tree
         self.upper = upper
         self.work = work
@@ -87,13 +97,20 @@ class CopyUp:
             raise
         self._adopt_upper(node, parent, name, parent_fd)
 
-    async def ensure_file(self, node: Node, *, with_data: bool = True) -> None:
-        """Copy a non-directory up (with its data unless ``with_data`` is False, for a
-        truncate to zero)."""
-        if node.in_upper:
-            return
+    async def ensure_file(self, node: Node, *, data: str = FULL) -> None:
+        """Make sure a non-directory has an upper object.
+
+        ``data`` is FULL (copy the data), METADATA (for chmod/chown/utimes/xattrs/rename: a
+        regular file gets a metadata-only copy whose data stays below, the kernel's metacopy
+        format) or EMPTY (the caller truncates to zero next, so copy no data). A metadata-only
+        copy asked for FULL or EMPTY is completed atomically in place.
+        """
         if node.is_dir:
             self.ensure_dir(node)
+            return
+        if node.in_upper:
+            if node.metacopy and data != METADATA:
+                await self._complete_metacopy(node, empty=data == EMPTY)
             return
         link = node.primary_link()
         if link is None or not node.lower:
@@ -104,12 +121,66 @@ class CopyUp:
         source = node.lower[0]
         source_dir_fd, source_name = source.layer.parent_and_name(source.path)
         st = safeio.lstat(source_dir_fd, source_name)
+        metacopy = False
         if stat.S_ISREG(st.st_mode):
-            await self._copy_regular(source_dir_fd, source_name, st, parent_fd, name, with_data)
+            metacopy = data == METADATA and self.metacopy and st.st_size > 0
+            redirect = None
+            if metacopy and source.path != link_path(parent, name):
+                redirect = whiteout.encode_redirect(source.path)
+            with_data = data == FULL
+            source_fd = safeio.open_lower_file(source_dir_fd, source_name) if with_data else None
+            try:
+                await self._write_regular(
+                    data_fd=source_fd,
+                    size=0 if data == EMPTY else st.st_size,
+                    meta_fd=source_dir_fd,
+                    meta_name=source_name,
+                    meta_st=st,
+                    parent_fd=parent_fd,
+                    name=name,
+                    replace=False,
+                    metacopy=metacopy,
+                    redirect=redirect,
+                )
+            finally:
+                if source_fd is not None:
+                    os.close(source_fd)
         else:
             self._copy_special(source_dir_fd, source_name, st, parent_fd, name)
         node.lower_links_consumed += 1
+        node.metacopy = metacopy
         self._adopt_upper(node, parent, name, parent_fd)
+        node.generation += 1
+        self.copies += 1
+
+    async def _complete_metacopy(self, node: Node, *, empty: bool) -> None:
+        """Give a metadata-only upper file its data (or none, before a truncate to zero)."""
+        path = self.tree.upper_path(node)
+        parent_fd = self.upper.dir_fd(path[:-1])
+        name = path[-1]
+        old = safeio.lstat(parent_fd, name)
+        source = node.lower[0]
+        source_dir_fd, source_name = source.layer.parent_and_name(source.path)
+        source_fd = None if empty else safeio.open_lower_file(source_dir_fd, source_name)
+        try:
+            await self._write_regular(
+                data_fd=source_fd,
+                size=0 if empty else old.st_size,
+                meta_fd=parent_fd,
+                meta_name=name,
+                meta_st=old,
+                parent_fd=parent_fd,
+                name=name,
+                replace=True,
+                metacopy=False,
+                redirect=None,
+            )
+        finally:
+            if source_fd is not None:
+                os.close(source_fd)
+        self.tree.inodes.drop_key((old.st_dev, old.st_ino), node)
+        node.metacopy = False
+        self._adopt_upper(node, *node.upper_link_or_fail(), parent_fd)
         node.generation += 1
         self.copies += 1
 
@@ -120,61 +191,69 @@ class CopyUp:
         node.links[(parent, name)] = True
         self.upper.forget_dir(merged_path(parent))
 
-    async def _copy_regular(
+    async def _write_regular(
         self,
-        source_dir_fd: int,
-        source_name: bytes,
-        st: os.stat_result,
+        *,
+        data_fd: int | None,
+        size: int,
+        meta_fd: int,
+        meta_name: bytes,
+        meta_st: os.stat_result,
         parent_fd: int,
         name: bytes,
-        with_data: bool,
+        replace: bool,
+        metacopy: bool,
+        redirect: bytes | None,
     ) -> None:
-        source_fd = safeio.open_lower_file(source_dir_fd, source_name)
+        """Build a regular file off to the side, then link or rename it to parent/name."""
+        temp = self.work.temp_name()
         try:
+            target_fd = os.open(
+                b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self.work.fd
+            )
             anonymous = True
-            try:
-                target_fd = os.open(
-                    b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=parent_fd
-                )
-            except OSError as error:
-                if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                    raise
-                anonymous = False
-                temp = self.work.temp_name()
-                target_fd = safeio.open_file(
-                    self.work.fd, temp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600
-                )
-            try:
-                size = st.st_size if with_data else 0
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            target_fd = safeio.open_file(
+                self.work.fd, temp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600
+            )
+            anonymous = False
+        named = not anonymous
+        try:
+            if data_fd is not None and size:
+                source_fd = data_fd
 
                 def copy() -> int:
                     return safeio.copy_data(source_fd, target_fd, size)
 
-                if size > THREAD_THRESHOLD:
-                    copied = await self.run_in_thread(copy)
-                else:
-                    copied = copy()
+                copied = await self.run_in_thread(copy) if size > THREAD_THRESHOLD else copy()
                 self.bytes_copied += copied
-                safeio.copy_xattrs(
-                    source_dir_fd, source_name, target_fd, None, skip=whiteout.PRIVATE_PREFIXES
-                )
-                apply_metadata(target_fd, st)
-                os.utime(target_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            else:
+                os.ftruncate(target_fd, size)
+            safeio.copy_xattrs(meta_fd, meta_name, target_fd, None, skip=whiteout.PRIVATE_PREFIXES)
+            if metacopy:
+                os.setxattr(target_fd, self.prefix + "metacopy", b"")
+                if redirect is not None:
+                    os.setxattr(target_fd, self.prefix + "redirect", redirect)
+            apply_metadata(target_fd, meta_st)
+            os.utime(target_fd, ns=(meta_st.st_atime_ns, meta_st.st_mtime_ns))
+            if anonymous and not replace:
+                safeio.link_tmpfile(target_fd, parent_fd, name)
+            else:
                 if anonymous:
-                    safeio.link_tmpfile(target_fd, parent_fd, name)
-                else:
-                    safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_NOREPLACE)
-            except BaseException:
-                if not anonymous:
-                    try:
-                        os.unlink(temp, dir_fd=self.work.fd)
-                    except OSError:
-                        pass
-                raise
-            finally:
-                os.close(target_fd)
+                    safeio.link_tmpfile(target_fd, self.work.fd, temp)
+                    named = True
+                flags = 0 if replace else safeio.RENAME_NOREPLACE
+                safeio.renameat2(self.work.fd, temp, parent_fd, name, flags)
+                named = False
+        except BaseException:
+            if named:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=self.work.fd)
+            raise
         finally:
-            os.close(source_fd)
+            os.close(target_fd)
 
     def _copy_special(
         self,

@@ -38,6 +38,7 @@ class Node:
     lower_links_consumed: int = 0  # of those, names since copied up or deleted
     open_fds: set[int] = field(default_factory=set)  # fds of open handles (for unlinked files)
     in_upper: bool = False  # an upper object exists for this node
+    metacopy: bool = False  # the upper object holds metadata only; data is in lower[0]
 
     @property
     def is_dir(self) -> bool:
@@ -56,6 +57,12 @@ class Node:
             if in_upper:
                 return link
         return None
+
+    def upper_link_or_fail(self) -> tuple[Node, bytes]:
+        link = self.upper_link()
+        if link is None:
+            raise FileNotFoundError(2, "no upper object")
+        return link
 
     def set_only_link(self, parent: Node, name: bytes, *, in_upper: bool) -> None:
         self.links.clear()

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable
 
 from unionfs import safeio, whiteout
-from unionfs.copyup import CopyUp
+from unionfs.copyup import FULL, METADATA, CopyUp
 from unionfs.inodes import Node, link_path, merged_path
 from unionfs.layer import Layer
 from unionfs.stack import Resolved
@@ -37,7 +37,7 @@ class Mutations:
         self.copyup = copyup
         self.oci_whiteouts = oci_whiteouts
         self.privileged = os.geteuid() == 0
-        prefix = whiteout.TRUSTED_PREFIX if self.privileged else whiteout.USER_PREFIX
+        prefix = whiteout.private_prefix()
         self.opaque_xattr = prefix + "opaque"
         self.redirect_xattr = prefix + "redirect"
         self.whiteouts_made = 0
@@ -216,7 +216,7 @@ class Mutations:
         if node.is_dir:
             raise PermissionError(errno.EPERM, "hard link to a directory")
         self._require_absent(parent, name)
-        await self.copyup.ensure_file(node)
+        await self.copyup.ensure_file(node, data=FULL)
         source_path = self.tree.upper_path(node)
         source_fd = self.upper.dir_fd(source_path[:-1])
 
@@ -342,9 +342,9 @@ class Mutations:
         if source.is_dir and self._is_ancestor(source, new_parent):
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
 
-        await self.copyup.ensure_file(source)
+        await self.copyup.ensure_file(source, data=METADATA)
         if exchange and target is not None:
-            await self.copyup.ensure_file(target)
+            await self.copyup.ensure_file(target, data=METADATA)
         old_fd = self._upper_dir(old_parent)
         new_fd = self._upper_dir(new_parent)
         old_path = link_path(old_parent, old_name)
@@ -422,7 +422,12 @@ class Mutations:
         self, node: Node, new_parent: Node, new_name: bytes, dir_fd: int, name: bytes
     ) -> None:
         """Before a directory moves: a redirect keeps its lower content; a pure upper
-        directory landing where lower layers hold the name must hide them (opaque)."""
+        directory landing where lower layers hold the name must hide them (opaque). A
+        metadata-only file gets a redirect to its data too."""
+        if node.metacopy and node.lower:
+            value = whiteout.encode_redirect(node.lower[0].path)
+            safeio.set_xattr(dir_fd, name, self.redirect_xattr, value)
+            return
         if not node.is_dir:
             return
         if node.lower:
@@ -455,11 +460,9 @@ class Mutations:
         return False
 
     # attributes ----------------------------------------------------------------------
-    async def prepare_metadata_change(self, node: Node, *, truncate_to_zero: bool = False) -> None:
-        if node.is_dir:
-            self.copyup.ensure_dir(node)
-        else:
-            await self.copyup.ensure_file(node, with_data=not truncate_to_zero)
+    async def prepare_change(self, node: Node, data: str = METADATA) -> None:
+        """Copy ``node`` up before changing it (see ``CopyUp.ensure_file`` for ``data``)."""
+        await self.copyup.ensure_file(node, data=data)
 
     def upper_location(self, node: Node) -> tuple[int, bytes | None]:
         if node.ino == self.tree.root.ino:

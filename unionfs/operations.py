@@ -26,7 +26,7 @@ import trio
 from unionfs import introspection, safeio, whiteout
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
-from unionfs.copyup import CopyUp
+from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp
 from unionfs.handles import DirHandle, FileHandle, HandleTable
 from unionfs.idmap import IdMapper
 from unionfs.inodes import Node
@@ -83,7 +83,7 @@ class Operations(pyfuse3.Operations):
         self.mutations: Mutations | None = None
         self.copyup: CopyUp | None = None
         if tree.upper is not None and work is not None and config.writable:
-            self.copyup = CopyUp(tree, tree.upper, work, run_in_thread)
+            self.copyup = CopyUp(tree, tree.upper, work, run_in_thread, metacopy=config.metacopy)
             self.mutations = Mutations(
                 tree, tree.upper, work, self.copyup, oci_whiteouts=config.whiteout_format == "oci"
             )
@@ -210,7 +210,7 @@ class Operations(pyfuse3.Operations):
             raise OSError(errno.EPERM, "private attribute")
         async with self.lock:
             node = self._node(inode)
-            await writer.prepare_metadata_change(node)
+            await writer.prepare_change(node, METADATA)
             dir_fd, entry = writer.upper_location(node)
             safeio.set_xattr(dir_fd, entry, attribute, value)
 
@@ -225,7 +225,7 @@ class Operations(pyfuse3.Operations):
             dir_fd, entry = self.tree.top_location(node)
             if safeio.get_xattr(dir_fd, entry, attribute) is None:
                 raise OSError(errno.ENODATA, "no such attribute")
-            await writer.prepare_metadata_change(node)
+            await writer.prepare_change(node, METADATA)
             dir_fd, entry = writer.upper_location(node)
             safeio.remove_xattr(dir_fd, entry, attribute)
 
@@ -238,7 +238,7 @@ class Operations(pyfuse3.Operations):
             writer = self._writer()
             async with self.lock:
                 truncate = bool(flags & os.O_TRUNC)  # libfuse enables atomic_o_trunc
-                await writer.prepare_metadata_change(node, truncate_to_zero=truncate)
+                await writer.prepare_change(node, EMPTY if truncate else FULL)
                 dir_fd, name = writer.upper_location(node)
                 assert name is not None
                 mode = os.O_RDWR if flags & os.O_RDWR else os.O_WRONLY
@@ -427,12 +427,11 @@ class Operations(pyfuse3.Operations):
         writer = self._writer()
         async with self.lock:
             node = self._node(inode)
-            only_truncate_to_zero = (
-                fields.update_size
-                and attr.st_size == 0
-                and not (fields.update_mode or fields.update_uid or fields.update_gid)
-            )
-            await writer.prepare_metadata_change(node, truncate_to_zero=only_truncate_to_zero)
+            if fields.update_size:
+                data = EMPTY if attr.st_size == 0 else FULL
+            else:
+                data = METADATA
+            await writer.prepare_change(node, data)
             dir_fd, name = writer.upper_location(node)
             self._apply_setattr(node, dir_fd, name, attr, fields, fh)
             return self._attributes(node)

@@ -127,6 +127,32 @@ class Stack:
                 return False
         return False
 
+    def data_source(
+        self, parent_lower: Sequence[Source], name: bytes, redirect: RelPath | None
+    ) -> Source | None:
+        """Where the data of a metadata-only upper file lives: the absolute ``redirect`` path
+        in the highest lower layer holding a regular file there, else the same name in the
+        parent's lower directories (stopping at a whiteout)."""
+        if redirect is not None:
+            for layer in self.layers:
+                if layer.writable:
+                    continue
+                listing = layer.listing(redirect[:-1])
+                if listing is not None and listing.entries.get(redirect[-1]) == stat.S_IFREG:
+                    return Source(layer, redirect)
+            return None
+        for source in parent_lower:
+            path = (*source.path, name)
+            listing = source.layer.listing(source.path)
+            if listing is None:
+                continue
+            kind = listing.entries.get(name)
+            if kind is not None:
+                return Source(source.layer, path) if kind == stat.S_IFREG else None
+            if name in listing.whiteouts:
+                return None
+        return None
+
     def list_merged(self, sources: Sequence[Source]) -> list[tuple[bytes, int]]:
         """Visible names of a merged directory (no duplicates, upper first), with types."""
         seen: set[bytes] = set()

@@ -8,13 +8,16 @@ merged directory listings. The write side (mutations, copyup) works on the same 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 
-from unionfs import safeio
+from unionfs import safeio, whiteout
 from unionfs.inodes import InodeTable, Node, link_path, merged_path
 from unionfs.layer import Layer
 from unionfs.stack import Resolved, Source, Stack
+
+log = logging.getLogger(__name__)
 
 
 class MergedTree:
@@ -76,6 +79,8 @@ class MergedTree:
             node.in_upper = resolved.in_upper
             if not resolved.in_upper and not node.is_dir:
                 node.lower_nlink = st.st_nlink
+            elif resolved.in_upper and stat.S_ISREG(st.st_mode):
+                self._find_metacopy_data(node, parent, name, st)
         if node.is_dir:
             node.lower = lower
             node.in_upper = resolved.in_upper
@@ -91,6 +96,34 @@ class MergedTree:
             # A lower hard link of a file already copied up shows the upper copy.
             st = self.stat(node)
         return node, st
+
+    def _find_metacopy_data(
+        self, node: Node, parent: Node, name: bytes, st: os.stat_result
+    ) -> None:
+        """An upper file whose data was never copied (metacopy): point it at its lower data."""
+        if st.st_blocks * 512 >= st.st_size or self.upper is None:
+            return  # a metacopy file is all hole: only such files are worth an xattr call
+        parent_fd, entry = self.upper.parent_and_name(link_path(parent, name))
+        if not any(
+            safeio.get_xattr(parent_fd, entry, attribute) is not None
+            for attribute in whiteout.METACOPY_XATTRS
+        ):
+            return
+        redirect = None
+        for attribute in whiteout.REDIRECT_XATTRS:
+            parsed = whiteout.parse_redirect(safeio.get_xattr(parent_fd, entry, attribute))
+            if parsed is not None:
+                redirect = parsed[1] if parsed[0] else (*link_path(parent, name)[:-1], *parsed[1])
+                break
+        source = self.stack.data_source(parent.lower, name, redirect)
+        if source is None:
+            log.warning(
+                "metacopy file %s has no lower data; showing it as stored",
+                b"/".join(link_path(parent, name)),
+            )
+            return
+        node.metacopy = True
+        node.lower = [source]
 
     # attributes ----------------------------------------------------------------------
     def stat(self, node: Node) -> os.stat_result:
@@ -118,7 +151,7 @@ class MergedTree:
     # data ----------------------------------------------------------------------------
     def open_for_read(self, node: Node) -> int:
         """An fd on the node's current data (upper copy if any, else the top lower file)."""
-        if node.in_upper and self.upper is not None:
+        if node.in_upper and self.upper is not None and not node.metacopy:
             parent_fd, name = self.upper.parent_and_name(self.upper_path(node))
             return safeio.open_file(parent_fd, name, os.O_RDONLY)
         if not node.lower:

@@ -23,6 +23,8 @@ from tests.support.mounts import overlay_mounted, unionfs_mounted
 from unionfs import safeio
 
 OPAQUE_XATTR = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
+# Our upper uses redirects for renamed directories and metadata-only copy-ups.
+KERNEL_OPTIONS = ("redirect_dir=on", "index=on", "metacopy=on")
 REDIRECT_XATTR = "trusted.overlay.redirect" if os.geteuid() == 0 else "user.overlay.redirect"
 
 
@@ -331,7 +333,7 @@ def test_kernel_reads_our_upper(tmp_layers: TmpLayers, tmp_path: Path, mountpoin
     kernel_mnt = tmp_path / "kernel"
     kernel_mnt.mkdir()
     with overlay_mounted(layers, kernel_mnt, upper=tmp_path / "upper",
-                         workdir=tmp_path / "work") as kernel:
+                         workdir=tmp_path / "work", options=KERNEL_OPTIONS) as kernel:
         assert snapshot(kernel) == seen_by_us
 
 
@@ -343,7 +345,8 @@ def test_we_read_kernel_upper(tmp_layers: TmpLayers, tmp_path: Path, mountpoint:
     upper, work = tmp_path / "kupper", tmp_path / "kwork"
     upper.mkdir()
     work.mkdir()
-    with overlay_mounted(layers, kernel_mnt, upper=upper, workdir=work) as kernel:
+    with overlay_mounted(layers, kernel_mnt, upper=upper, workdir=work,
+                         options=KERNEL_OPTIONS) as kernel:
         (kernel / "gone").unlink()
         os.rename(kernel / "tree", kernel / "renamed")
         subprocess.run(["rm", "-rf", str(kernel / "d")], check=True)
@@ -367,3 +370,33 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
         result[str(path.relative_to(root))] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
                                                st.st_uid, st.st_size, content)
     return result
+
+
+METACOPY_XATTR = "trusted.overlay.metacopy" if os.geteuid() == 0 else "user.overlay.metacopy"
+
+
+def test_metadata_only_copy_up_survives_remount(tmp_layers: TmpLayers, tmp_path: Path,
+                                                mountpoint: Path) -> None:
+    """chmod/chown/utime/rename of a lower file copy no data (kernel metacopy format); the
+    data is copied on the first write, also after a remount."""
+    payload = os.urandom(300_000)
+    layers = tmp_layers({"big": payload, "moved": "m" * 5000})
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        os.chmod(mnt / "big", 0o600)
+        os.rename(mnt / "moved", mnt / "renamed")
+        stored = (upper / "big").lstat()
+        assert stat.S_IMODE(stored.st_mode) == 0o600 and stored.st_size == len(payload)
+        assert stored.st_blocks == 0, "the data was copied"
+        assert os.getxattr(upper / "big", METACOPY_XATTR) == b""
+        assert os.getxattr(upper / "renamed", REDIRECT_XATTR) == b"/moved"
+        assert (mnt / "big").read_bytes() == payload
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        assert (mnt / "big").read_bytes() == payload, "metacopy lost its data on remount"
+        assert (mnt / "renamed").read_text() == "m" * 5000
+        assert stat.S_IMODE((mnt / "big").stat().st_mode) == 0o600
+        with open(mnt / "big", "r+b") as handle:
+            handle.write(b"X")
+        assert (mnt / "big").read_bytes() == b"X" + payload[1:]
+        assert METACOPY_XATTR not in os.listxattr(upper / "big")
+        assert (upper / "big").lstat().st_blocks > 0
+        assert stat.S_IMODE((upper / "big").lstat().st_mode) == 0o600
