@@ -97,6 +97,8 @@ class Stack:
                 if child is None:
                     break
                 if child.opaque:
+                    if layer.writable:  # an opaque upper dir may still cover a lower name
+                        has_lower = self._lower_has(search[position:], path[-1], absolute_path)
                     break
                 if child.redirect is not None:
                     absolute, parts = child.redirect
