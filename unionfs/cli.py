@@ -19,7 +19,17 @@ from unionfs.config import MountConfig
 from unionfs.mount import EXIT_FAILURE, EXIT_USAGE, MountError, mount, unmount
 from unionfs.options import OptionError, apply_options, split_options
 
-SUBCOMMANDS = ("mount", "umount", "unmount", "status", "which", "import", "diff", "run")
+SUBCOMMANDS = (
+    "mount",
+    "umount",
+    "unmount",
+    "status",
+    "which",
+    "import",
+    "diff",
+    "run",
+    "check",
+)
 EXIT_CODES = """exit codes:
   0  success
   1  unexpected failure
@@ -133,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_parser.add_argument("--image", metavar="DEST", help="an image made by 'unionfs import'")
     run_parser.add_argument("layers", nargs="*", metavar="LAYER")
+    check_parser = commands.add_parser(
+        "check",
+        help="verify an upper layer offline and repair what is safe",
+        description="Verify UPPER (not in use by a mount): orphaned temporary files, malformed "
+        "whiteouts and opaque markers, half-made opaque directories, invalid or dangling "
+        "redirects. Exit 0 when clean, 1 when problems remain.",
+    )
+    check_parser.add_argument("--repair", action="store_true", help="fix what is safe to fix")
+    check_parser.add_argument("--workdir", metavar="DIR", help="the mount's workdir")
+    check_parser.add_argument(
+        "--lower",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a lower layer (repeat): enables dangling checks",
+    )
+    check_parser.add_argument("upper", metavar="UPPER")
     return parser
 
 
@@ -254,4 +281,6 @@ def dispatch(action: str, args: argparse.Namespace) -> int:
         if not args.command_line and args.image is None:
             raise OptionError("run needs a command after --, or --image with a default command")
         return commands.run(args.layers, args.command_line, args.upper, args.image)
+    if action == "check":
+        return commands.check(args.upper, args.workdir, args.lower, args.repair)
     raise OptionError(f"unknown command {action}")

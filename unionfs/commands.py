@@ -172,3 +172,34 @@ def run(layers: list[str], command: list[str], upper: str | None, image: str | N
         )
     except runner.RunError as error:
         raise CommandError(error.exit_code, str(error)) from None
+
+
+def check(upper: str, workdir: str | None, lowers: list[str], repair: bool) -> int:
+    """Verify (and with ``repair`` fix) an upper layer offline; 0 when it is clean."""
+    from unionfs import check as checker
+
+    if not os.path.isdir(upper):
+        raise CommandError(EXIT_LAYER, f"upper {upper} is not a directory")
+    if os.path.realpath(upper) in {
+        mount_status(m).get("upper") for m in unionfs_mounts() if _answers(m)
+    }:
+        raise CommandError(EXIT_MOUNTPOINT, f"{upper} is in use by a live mount: unmount first")
+    try:
+        report = checker.check_upper(
+            Path(upper),
+            Path(workdir) if workdir else None,
+            [Path(layer) for layer in lowers] or None,
+            repair=repair,
+        )
+    except OSError as error:
+        raise CommandError(EXIT_LAYER, f"cannot check {upper}: {error.strerror}") from None
+    print(checker.format_report(report))
+    return 0 if report.ok else EXIT_FAILURE
+
+
+def _answers(mountpoint: str) -> bool:
+    try:
+        os.getxattr(mountpoint, introspection.STATUS)
+    except OSError:
+        return False
+    return True
