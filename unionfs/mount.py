@@ -250,24 +250,54 @@ async def _stop_on_signals() -> None:
             return
 
 
-def _still_mounted(mountpoint: str) -> bool:
-    return os.path.realpath(mountpoint) in mounted_paths()
+READ_AHEAD_KB = 1024
+
+
+def mount_device(real: str) -> str | None:
+    """``major:minor`` of the mount at the resolved path ``real``, from mountinfo. Never
+    stat (or realpath) our own mount from the daemon before it serves: nobody would answer."""
+    with (
+        contextlib.suppress(OSError),
+        open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table,
+    ):
+        device = None
+        for line in table:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == real:
+                device = fields[2]
+        return device
+    return None
+
+
+def raise_read_ahead(real_mountpoint: str) -> None:
+    """1 MiB read-ahead on the mount's bdi: sequential reads in 1 MiB requests instead of
+    128 KiB ones (only root may; otherwise the kernel default stays)."""
+    device = mount_device(real_mountpoint)
+    if device is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as knob:
+            knob.write(str(READ_AHEAD_KB))
+    except OSError as error:
+        log.debug("read-ahead left at the default: %s", error)
 
 
 def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> int:
     """Mount and serve until unmounted or signalled. Returns an exit status."""
     operations = Operations(prepared.tree, config, prepared.work)
+    real_mountpoint = os.path.realpath(config.mountpoint)  # resolved before it is our mount
     try:
         pyfuse3.init(operations, config.mountpoint, fuse_options(config))
     except RuntimeError as error:
         raise MountError(EXIT_FUSE, f"cannot mount {config.mountpoint}: {error}") from None
+    raise_read_ahead(real_mountpoint)
     if callable(on_ready):
         on_ready()
     log.info("mounted %s", config.mountpoint)
     try:
         trio.run(_serve, config)
     finally:
-        pyfuse3.close(unmount=_still_mounted(config.mountpoint))
+        pyfuse3.close(unmount=real_mountpoint in mounted_paths())
         operations.handles.close_all()
         prepared.tree.close()
         if prepared.work is not None:
