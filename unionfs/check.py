@@ -21,11 +21,15 @@ reports:
 - ``stale-whiteout``: a regular file/symlink/device ``NAME`` next to ``.wh.NAME`` (create over
   an OCI whiteout interrupted before the whiteout was removed); repair removes ``.wh.NAME``.
 - ``invalid-redirect``: an ``overlay.redirect`` that is empty, climbs (``..``), is relative
-  with a ``/``, or sits on a non-directory; reported.
+  with a ``/``, or sits on a non-directory that is no metacopy file; reported.
+- ``dangling-metacopy``: (when ``lowers`` are given) a metadata-only copy-up
+  (``overlay.metacopy``) whose data path (its redirect, else the same path) is a regular file
+  in no lower layer: its content is lost; reported.
 - ``dangling-redirect``: (when ``lowers`` are given) a valid redirect naming a path that is a
   directory in no lower layer; reported.
-- ``dangling-whiteout``: (when ``lowers`` are given) a whiteout hiding a name that exists in
-  no lower layer at that merged position; harmless, repair removes it.
+- ``dangling-whiteout`` (a note, not a problem): (when ``lowers`` are given) a whiteout hiding
+  a name that exists in no lower layer at that merged position. Harmless and normal: kernel
+  overlayfs and unionfs both leave one where a merged directory was renamed away.
 
 Run it only while no mount uses the upper: the work area of a live mount is in use.
 Paths in the report start with ``/`` (relative to the upper) or ``work/``; bytes that are
@@ -65,6 +69,7 @@ class CheckReport:
     found: list[Problem] = field(default_factory=list)
     repaired: list[Problem] = field(default_factory=list)
     left: list[Problem] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)  # harmless oddities, never repaired
     entries_checked: int = 0
 
     @property
@@ -228,11 +233,47 @@ class _Checker:
             ]
             redirects = [(a, v) for a, v in redirect_values if v is not None]
             if not stat.S_ISDIR(st.st_mode):
-                for attribute, _value in redirects:
-                    self.problem("invalid-redirect", shown, f"{attribute} on a non-directory")
+                self.check_non_directory(fd, name, st, shown, redirects, lower)
                 continue
             children.append((name, self.check_subdir(fd, name, shown, redirects, lower)))
         return children
+
+    def check_non_directory(
+        self,
+        fd: int,
+        name: bytes,
+        st: os.stat_result,
+        shown: str,
+        redirects: list[tuple[str, bytes]],
+        lower: RelPath | None,
+    ) -> None:
+        metacopy = stat.S_ISREG(st.st_mode) and any(
+            safeio.get_xattr(fd, name, attribute) is not None
+            for attribute in whiteout.METACOPY_XATTRS
+        )
+        if not metacopy:
+            for attribute, _value in redirects:
+                self.problem("invalid-redirect", shown, f"{attribute} on a non-directory")
+            return
+        # A metadata-only copy: its data lives in a lower regular file (the absolute
+        # redirect's path, else the same name in the parent's lower directory).
+        data_path = None if lower is None else (*lower, name)
+        for attribute, value in redirects:
+            parsed = whiteout.parse_redirect(value)
+            if parsed is None:
+                self.problem("invalid-redirect", shown, f"{attribute}={value!r} is not valid")
+                return
+            absolute, parts = parsed
+            data_path = parts if absolute else (None if lower is None else (*lower, *parts))
+        if self.lowers is None:
+            return
+        if data_path is None or _lower_kind(self.lowers, data_path) != stat.S_IFREG:
+            where = "?" if data_path is None else _show(data_path)
+            self.problem(
+                "dangling-metacopy",
+                shown,
+                f"metadata-only copy whose data ({where}) is a regular file in no lower layer",
+            )
 
     def check_marker_file(self, fd: int, name: bytes, shown: str, kind: str) -> None:
         st = safeio.try_lstat(fd, name)
@@ -300,11 +341,11 @@ class _Checker:
             return
         if lower is not None and _lower_kind(self.lowers, (*lower, target)) is not None:
             return
-
-        def remove() -> None:
-            os.unlink(name, dir_fd=fd)
-
-        self.problem("dangling-whiteout", shown, "hides nothing in any lower layer", remove)
+        # Harmless (kernel overlayfs leaves the same after renaming a merged directory):
+        # a note, not a problem.
+        self.report.notes.append(
+            Problem("dangling-whiteout", shown, "hides nothing in any lower layer", False)
+        )
 
     def mark_opaque(self, fd: int, name: bytes, *, oci: bool) -> None:
         if not oci:
@@ -447,6 +488,8 @@ def format_report(report: CheckReport) -> str:
         else:
             state = "left"
         lines.append(f"{state:10} {problem.kind:18} {problem.path!s}: {problem.detail}")
+    for problem in report.notes:
+        lines.append(f"{'note':10} {problem.kind:18} {problem.path!s}: {problem.detail}")
     for problem in report.left:
         if problem not in report.found:
             lines.append(f"{'left':10} {problem.kind:18} {problem.path!s}: {problem.detail}")
@@ -455,5 +498,7 @@ def format_report(report: CheckReport) -> str:
         f"{len(report.found)} problems found, {len(report.repaired)} repaired, "
         f"{len(report.left)} left"
     )
+    if report.notes:
+        summary += f", {len(report.notes)} notes (harmless)"
     lines.append(summary + (" - clean" if report.ok else ""))
     return "\n".join(lines) + "\n"
