@@ -37,8 +37,11 @@ Public interface (wired into the CLI by ``unionfs.cli``):
     bookkeeping ones and ``security.selinux``. A directory carrying ``overlay.redirect`` (a renamed
     lower directory) is exported *fully*: its merged content is read from ``lowers`` (paths,
     base first, needed only in that case: :class:`ImageError` otherwise), it is marked opaque, and a
-    whiteout for the old name is added unless the upper already holds one. Works on a live mount's
-    upper too (files changing while read may fail with :class:`ImageError`). ``out`` ending in
+    whiteout for the old name is added unless the upper already holds one. A metadata-only
+    copy-up (a file with ``overlay.metacopy``) is exported with its data read from the lower file
+    it stands for (its ``overlay.redirect`` path, else the same path); that also needs ``lowers``.
+    Works on a live mount's upper too (files changing while read may fail with
+    :class:`ImageError`). ``out`` ending in
     ``.gz``/``.tgz`` (or ``gzip=True``) is gzip-compressed. The result carries the sha256 digest of
     the bytes written (``digest``) and of the uncompressed tar (``diff_id``); the CLI prints them.
 
@@ -87,6 +90,7 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
 REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
+METACOPY_XATTRS = ("trusted.overlay.metacopy", "user.overlay.metacopy")
 PRIVATE_XATTR_PREFIXES = (
     "trusted.overlay.",
     "user.overlay.",
@@ -151,6 +155,7 @@ class DiffResult:
     opaque_dirs: int = 0
     hardlinks: int = 0
     redirects: int = 0
+    metacopies: int = 0
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
@@ -564,7 +569,13 @@ class _LayerWriter:
         self.is_root = os.geteuid() == 0
         self.mknod_ok = mknod_ok
         self.warn = warn
-        self.opaque_xattr = "trusted.overlay.opaque" if self.is_root else "user.overlay.opaque"
+        # In a user namespace euid 0 may not write trusted.* xattrs: fall back to user.*.
+        self.opaque_xattrs = (
+            ("trusted.overlay.opaque", "user.overlay.opaque")
+            if self.is_root
+            else ("user.overlay.opaque",)
+        )
+        self.chown_failures = 0
         self.directories: list[tuple[tuple[str, ...], tarfile.TarInfo]] = []
         self.extracted: set[tuple[str, ...]] = set()  # non-directories written by this layer
         self.members = 0
@@ -757,12 +768,13 @@ class _LayerWriter:
     def _opaque(self, parts: tuple[str, ...]) -> None:
         parent = self._open_parent(parts, create=True)
         try:
-            try:
-                os.setxattr(parent, self.opaque_xattr, b"y")
-                return
-            except OSError as error:
-                if error.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                    raise
+            for attribute in self.opaque_xattrs:
+                try:
+                    os.setxattr(parent, attribute, b"y")
+                    return
+                except OSError as error:
+                    if error.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                        raise
             _remove_entry(parent, OPAQUE_MARKER)
             fd = os.open(OPAQUE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                          0o000, dir_fd=parent)  # fmt: skip
@@ -800,15 +812,26 @@ class _LayerWriter:
     def _metadata_fd(self, fd: int, member: tarfile.TarInfo, name: str) -> None:
         self._xattrs(fd, None, member)
         if self.is_root:
-            os.fchown(fd, member.uid, member.gid)
+            self._chown(lambda: os.fchown(fd, member.uid, member.gid))
         os.fchmod(fd, member.mode & 0o7777)
         ns = int(member.mtime * 1_000_000_000)
         os.utime(fd, ns=(ns, ns))
 
+    def _chown(self, call: Callable[[], None]) -> None:
+        # Root in a user namespace cannot give away unmapped ids (EINVAL/EPERM): keep ours.
+        try:
+            call()
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+            self.chown_failures += 1
+
     def _metadata_by_name(self, parent: int, name: str, member: tarfile.TarInfo) -> None:
         self._xattrs(parent, name, member)
         if self.is_root:
-            os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+            self._chown(
+                lambda: os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+            )
         if not member.issym():
             # Linux cannot chmod without following; ``name`` is the fifo/device we just made
             # in a directory only this import writes.
@@ -834,7 +857,7 @@ class _LayerWriter:
                 continue
             try:
                 if self.is_root:
-                    os.fchown(fd, member.uid, member.gid)
+                    self._chown(lambda: os.fchown(fd, member.uid, member.gid))  # noqa: B023
                 os.fchmod(fd, member.mode & 0o7777)
                 ns = int(member.mtime * 1_000_000_000)
                 os.utime(fd, ns=(ns, ns))
@@ -843,6 +866,8 @@ class _LayerWriter:
             finally:
                 os.close(fd)
                 os.close(parent)
+        if self.chown_failures:
+            self.warn(f"{self.label}: owner of {self.chown_failures} member(s) not kept (unmapped)")
         for key, count in sorted(self.xattr_failures.items()):
             self.warn(f"{self.label}: {count} xattr(s) {key} could not be set")
 
@@ -1145,6 +1170,23 @@ class _LowerView:
             fd = new
         return fd
 
+    def open_file(self, parts: tuple[str, ...]) -> int | None:
+        """The topmost lower regular file at ``parts`` (a metacopy's data), opened read-only."""
+        for root in self.fds:
+            parent = self._open_in(root, parts[:-1])
+            if parent is None:
+                continue
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            except OSError:
+                continue
+            finally:
+                os.close(parent)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)
+        return None
+
     def merged_dirs(self, parts: tuple[str, ...]) -> list[int]:
         """Directory fds making up the merged lower directory ``parts``, top first.
 
@@ -1212,8 +1254,12 @@ class _TarExporter:
         self.tar.addfile(info)
         self.result.members += 1
 
-    def directory(self, fd: int, prefix: str, *, force_opaque: bool = False) -> None:
-        """Export the children of directory ``fd`` (path ``prefix``, '' for the root)."""
+    def directory(self, fd: int, prefix: str, lower: tuple[str, ...]) -> None:
+        """Export the children of directory ``fd`` (path ``prefix``, '' for the root).
+
+        ``lower`` is where this directory's lower content lives (its own path unless it or a
+        parent was renamed): metadata-only copies find their data below it.
+        """
         names = sorted(os.listdir(fd))
         for name in names:
             path = f"{prefix}{name}"
@@ -1233,9 +1279,11 @@ class _TarExporter:
                 else:
                     self.result.warnings.append(f"skipped {path!r}: reserved .wh. name")
                 continue
-            self.entry(fd, name, path, st)
+            self.entry(fd, name, path, st, lower)
 
-    def entry(self, parent: int, name: str, path: str, st: os.stat_result) -> None:
+    def entry(
+        self, parent: int, name: str, path: str, st: os.stat_result, lower: tuple[str, ...]
+    ) -> None:
         self.bar.update(f"{self.result.members} entries, {_human(self.bytes)}")
         if stat.S_ISDIR(st.st_mode):
             fd = os.open(name, DIR_FLAGS, dir_fd=parent)
@@ -1253,7 +1301,7 @@ class _TarExporter:
                 if opaque:
                     self._marker(f"{path}/{OPAQUE_MARKER}", st)
                     self.result.opaque_dirs += 1
-                self.directory(fd, path + "/")
+                self.directory(fd, path + "/", (*lower, name))
             finally:
                 os.close(fd)
             return
@@ -1274,8 +1322,12 @@ class _TarExporter:
             self.links[key] = path
         if stat.S_ISREG(st.st_mode):
             info.type = tarfile.REGTYPE
-            info.size = st.st_size
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            if any(a in xattrs for a in METACOPY_XATTRS):
+                fd = self._metacopy_data(path, name, xattrs, lower)
+                info.size = os.fstat(fd).st_size
+            else:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                info.size = os.fstat(fd).st_size
             with os.fdopen(fd, "rb") as f:
                 try:
                     self.tar.addfile(info, f)
@@ -1297,6 +1349,27 @@ class _TarExporter:
             self.result.warnings.append(f"skipped {path!r}: unsupported file type")
             return
         self.result.members += 1
+
+    def _metacopy_data(
+        self, path: str, name: str, xattrs: dict[str, bytes], lower: tuple[str, ...]
+    ) -> int:
+        """The fd of a metadata-only copy-up's data: the lower file at its redirect or path."""
+        if self.lowers is None:
+            raise ImageError(
+                f"{path}: metadata-only copy-up (overlay.metacopy); its data lives in the lower"
+                " layers: pass the lower layers to export it"
+            )
+        redirect = _redirect_of(xattrs)
+        if redirect is None:
+            data_path = (*lower, name)
+        else:
+            absolute, parts = redirect
+            data_path = parts if absolute else (*lower, *parts)
+        fd = self.lowers.open_file(data_path)
+        if fd is None:
+            raise ImageError(f"{path}: data of metadata-only copy ({'/'.join(data_path)}) missing")
+        self.result.metacopies += 1
+        return fd
 
     def _redirected(
         self, fd: int, path: str, redirect: tuple[bool, tuple[str, ...]], st: os.stat_result
@@ -1395,7 +1468,7 @@ class _TarExporter:
                     finally:
                         os.close(cfd)
                 else:
-                    self.entry(dfd, name, child_path, st)
+                    self.entry(dfd, name, child_path, st, origin)
         finally:
             for lfd in lower_fds:
                 os.close(lfd)
@@ -1440,7 +1513,7 @@ def diff_upper(
                 exporter = _TarExporter(tar, result, bar)
                 exporter.upper_fd = upper_fd
                 exporter.lowers = view
-                exporter.directory(upper_fd, "")
+                exporter.directory(upper_fd, "", ())
         result.diff_id = tar_hash.digest()
         result.digest = blob.digest()
         result.size = blob.count

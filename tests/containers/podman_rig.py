@@ -168,6 +168,7 @@ class PodmanRig:
             'driver = "overlay"\n'
             f'graphroot = "{r}/g"\n'
             f'runroot = "{r}/r"\n'
+            f'rootless_storage_path = "{r}/g"\n'
             "[storage.options.overlay]\n"
             f'mount_program = "{wrapper}"\n'
         )
@@ -177,6 +178,7 @@ class PodmanRig:
             "CONTAINERS_STORAGE_CONF": str(r / "storage.conf"),
         }
         if self.user is not None:
+            (r / "xdg").mkdir(mode=0o700)
             shutil.chown(r, self.user, self.user)
             for p in r.iterdir():
                 shutil.chown(p, self.user, self.user)

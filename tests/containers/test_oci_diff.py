@@ -41,7 +41,7 @@ def make_upper(root: Path) -> Path:
     os.setxattr(root / "x", "user.keep", b"kept")
     os.setxattr(root / "x", "user.overlay.origin", b"private")
     if IS_ROOT:
-        os.setxattr(root / "x", "trusted.overlay.metacopy", b"")
+        os.setxattr(root / "x", "trusted.overlay.origin", b"")
     os.symlink("target", root / "s")
     os.mkfifo(root / "p")
     os.chmod(root / "new", 0o640)
@@ -168,3 +168,31 @@ def test_missing_upper_is_image_error(tmp_path: Path) -> None:
     with pytest.raises(oci.ImageError):
         oci.diff_upper(tmp_path / "nope", tmp_path / "x.tar", progress=False)
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_metacopy_file_exports_lower_data(tmp_path: Path) -> None:
+    """A metadata-only copy-up: mode from the upper, data from the lower (same path or redirect)."""
+    lower = tmp_path / "lower"
+    (lower / "d").mkdir(parents=True)
+    (lower / "d" / "f").write_bytes(b"lower data")
+    (lower / "orig").write_bytes(b"original")
+    upper = tmp_path / "upper"
+    (upper / "d").mkdir(parents=True)
+    prefix = "trusted.overlay." if IS_ROOT else "user.overlay."
+    for name, size in (("d/f", 10), ("moved", 8)):
+        with (upper / name).open("wb") as f:
+            f.truncate(size)
+        os.setxattr(upper / name, prefix + "metacopy", b"")
+        os.chmod(upper / name, 0o600)
+    os.setxattr(upper / "moved", prefix + "redirect", b"/orig")
+    with pytest.raises(oci.ImageError, match="metadata-only"):
+        oci.diff_upper(upper, tmp_path / "fail.tar", progress=False)
+    result = oci.diff_upper(upper, tmp_path / "ok.tar", progress=False, lowers=[lower])
+    assert result.metacopies == 2
+    with tarfile.open(tmp_path / "ok.tar") as tar:
+        for name, data in (("d/f", b"lower data"), ("moved", b"original")):
+            member = tar.getmember(name)
+            extracted = tar.extractfile(member)
+            assert extracted is not None and extracted.read() == data
+            assert member.mode == 0o600
+            assert not any("overlay" in k for k in member.pax_headers)

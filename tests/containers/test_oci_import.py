@@ -365,3 +365,46 @@ def test_later_member_replaces_earlier(tmp_path: Path) -> None:
     assert (root / "d").read_text() == "now a file"
     assert (root / "s").is_dir() and not (root / "s").is_symlink()
     assert (root / "s" / "in").read_text() == "2"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["ordinary-user", "user-namespace"])
+def test_import_unprivileged_for_real(tmp_path: Path, how: str) -> None:
+    """As an ordinary user, and as root of a user namespace (euid 0 but no trusted.* xattrs)."""
+    import subprocess
+    import tempfile
+
+    from tests.containers.podman_rig import REPO, chown_tree, ensure_test_user, unionfs_python
+
+    if shutil.which("runuser") is None or shutil.which("unshare") is None:
+        pytest.skip("runuser and unshare needed")
+    uid, gid = ensure_test_user()
+    work = Path(tempfile.mkdtemp(prefix="imp-user-", dir="/tmp"))
+    try:
+        image = write_oci_layout(work / "img", [base_layer(), top_layer()])
+        chown_tree(work, uid, gid)
+        code = (
+            "import sys; from pathlib import Path; from unionfs import oci;"
+            f"r = oci.import_image(Path('{image}'), Path('{work}/dest'), progress=False,"
+            " warn=lambda m: print('W', m));"
+            "print('OK', len(r.layer_dirs))"
+        )
+        prefix = ["unshare", "-Ur"] if how == "user-namespace" else []
+        proc = subprocess.run(
+            ["runuser", "-u", "unionfs-ct", "--", *prefix, "env", f"PYTHONPATH={REPO}",
+             unionfs_python(), "-c", code],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "OK 2" in proc.stdout, proc.stdout
+        layers = sorted((work / "dest" / "layers").iterdir())
+        top = layers[1]
+        assert is_whiteout(top / "gone") or (top / ".wh.gone").is_file()
+        assert os.getxattr(top / "old", "user.overlay.opaque") == b"y"
+        base = layers[0]
+        assert os.lstat(base / "etc" / "motd").st_uid == uid
+        assert os.lstat(base / "bin" / "tool").st_nlink == 2
+        if how == "user-namespace":
+            assert "owner of" in proc.stdout, "unmapped owners must be reported, not fatal"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,10 @@ from pathlib import Path
 import pytest
 
 from tests.containers.podman_rig import (
+    TEST_USER,
     PodmanRig,
+    chown_tree,
+    ensure_test_user,
     make_busybox_rootfs,
     missing_tools,
     run_setup_script,
@@ -34,7 +37,12 @@ from tests.containers.podman_rig import (
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
-PROGRAMS = ["fuse-overlayfs", "unionfs"]
+VARIANTS = [
+    pytest.param(("fuse-overlayfs", False), id="fuse-overlayfs-root"),
+    pytest.param(("unionfs", False), id="unionfs-root"),
+    pytest.param(("fuse-overlayfs", True), id="fuse-overlayfs-rootless"),
+    pytest.param(("unionfs", True), id="unionfs-rootless"),
+]
 
 
 def _require_root_and_tools() -> None:
@@ -84,14 +92,21 @@ def probe_mount_program(program: str) -> str | None:
             unmount_all_under(t)
 
 
-@pytest.fixture(scope="module", params=PROGRAMS)
+@pytest.fixture(scope="module", params=VARIANTS)
 def rig(request: pytest.FixtureRequest) -> Iterator[PodmanRig]:
+    """A private podman store using PROGRAM as mount_program, as root or as an ordinary user."""
     _require_root_and_tools()
-    program: str = request.param
+    program, rootless = request.param
     why = probe_mount_program(program)
     if why is not None:
         pytest.skip(f"mount program not usable yet: {why}")
-    r = PodmanRig.create(program)
+    user = None
+    if rootless:
+        if missing_tools("newuidmap", "runuser", "useradd"):
+            pytest.skip("rootless podman needs newuidmap (uidmap), runuser and useradd")
+        ensure_test_user()
+        user = TEST_USER
+    r = PodmanRig.create(program, user=user)
     try:
         start = time.monotonic()
         r.import_base()
@@ -99,7 +114,11 @@ def rig(request: pytest.FixtureRequest) -> Iterator[PodmanRig]:
         yield r
     finally:
         r.close()
-        print(f"\n[{program}] timings: " + ", ".join(f"{k}={v:.2f}s" for k, v in r.timings.items()))
+        mode = "rootless" if rootless else "root"
+        print(
+            f"\n[{program} {mode}] timings: "
+            + ", ".join(f"{k}={v:.2f}s" for k, v in r.timings.items())
+        )
 
 
 def test_podman_run_writes_deletes_renames(rig: PodmanRig) -> None:
@@ -170,7 +189,22 @@ def test_podman_build_deletions_hold(rig: PodmanRig) -> None:
     ctx = rig.root / "ctx"
     ctx.mkdir(exist_ok=True)
     (ctx / "Containerfile").write_text(CONTAINERFILE)
-    rig.podman("build", "-q", "-t", "localhost/built:1", str(ctx), timeout=180)
+    build = rig.podman(
+        "build", "-q", "--network", "none", "-t", "localhost/built:1", str(ctx),
+        timeout=180, check=False,
+    )  # fmt: skip
+    if (
+        build.returncode != 0
+        and rig.program == "unionfs"
+        and rig.user is not None
+        and "can't rename '/app/tree': Operation not permitted" in build.stderr
+    ):
+        pytest.xfail(
+            "known unionfs bug: in a user namespace euid is 0 but trusted.overlay.redirect is"
+            " refused (EPERM), so renaming a lower directory fails instead of using"
+            " user.overlay.redirect (or EXDEV)"
+        )
+    assert build.returncode == 0, f"{build.stderr}\n{rig.log_tail()}"
     out = rig.podman("run", "--rm", "localhost/built:1", "sh", "-c", CHECK_BUILT).stdout
     assert out.splitlines()[:4] == ["replaced", "fresh", "deep", "v1"], out
     assert out.splitlines()[4].split() == [".", "..", "new"], out
@@ -192,7 +226,7 @@ def test_podman_build_same_step_rm_mkdir_is_opaque(rig: PodmanRig) -> None:
         "RUN rm /o/a && rm -r /o/sub && mkdir /o/sub && echo e > /o/sub/e && echo x > /o/b\n"
         "RUN rm -r /data/dir && mkdir /data/dir && echo f > /data/dir/f\n"
     )
-    rig.podman("build", "-q", "-t", "localhost/opq:1", str(ctx), timeout=180)
+    rig.podman("build", "-q", "--network", "none", "-t", "localhost/opq:1", str(ctx), timeout=180)
     out = rig.podman(
         "run", "--rm", "localhost/opq:1", "sh", "-c", "ls /o/sub /data/dir | tr '\\n' ' '"
     ).stdout
@@ -228,7 +262,7 @@ def test_buildah_from_run_commit(rig: PodmanRig) -> None:
     ctr = rig.run("buildah", "from", "localhost/base:1").stdout.strip()
     try:
         rig.run(
-            "buildah", "run", "--isolation", "oci", ctr, "--", "sh", "-c",
+            "buildah", "run", "--isolation", "oci", "--network", "none", ctr, "--", "sh", "-c",
             "rm /data/gone && echo b > /data/b",
         )  # fmt: skip
         rig.run("buildah", "commit", "-q", ctr, "localhost/buildah:1")
@@ -247,16 +281,23 @@ def test_bwrap_on_merged(rig: PodmanRig) -> None:
     make_busybox_rootfs(lower)
     for d in (upper, work, merged):
         d.mkdir(parents=True)
+    if rig.user is not None:
+        uid, gid = ensure_test_user(rig.user)
+        chown_tree(base, uid, gid)
     wrapper = rig.root / "mount-program"
-    subprocess.run(
-        [str(wrapper), "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
-        check=True, timeout=30, capture_output=True,
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    mount = subprocess.run(
+        rig.command(str(wrapper), "-o", opts, str(merged)),
+        timeout=30, capture_output=True, text=True, check=False,
     )  # fmt: skip
+    assert mount.returncode == 0, f"{mount.stderr}\n{rig.log_tail()}"
     try:
         proc = subprocess.run(
-            ["bwrap", "--bind", str(merged), "/", "--proc", "/proc", "--dev", "/dev",
-             "--unshare-all", "--die-with-parent", "/bin/sh", "-c",
-             "echo hello > /tmp/hello && rm /data/gone && cat /tmp/hello && ls /data | sort"],
+            rig.command(
+                "bwrap", "--bind", str(merged), "/", "--proc", "/proc", "--dev", "/dev",
+                "--unshare-all", "--die-with-parent", "/bin/sh", "-c",
+                "echo hello > /tmp/hello && rm /data/gone && cat /tmp/hello && ls /data | sort",
+            ),
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
