@@ -235,11 +235,19 @@ def setup_logging(config: MountConfig, *, to_stderr: bool) -> None:
     log.info("pid=%d mounting %s", os.getpid(), config.mountpoint)
 
 
-async def _serve(config: MountConfig) -> None:
+async def _serve(operations: Operations, real_mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
+        nursery.start_soon(_tune_after_init, operations, real_mountpoint)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
+
+
+async def _tune_after_init(operations: Operations, real_mountpoint: str) -> None:
+    """The kernel sets the bdi's read-ahead from the INIT reply: raise it only after that."""
+    await operations.initialized.wait()
+    await trio.sleep(0.05)  # the INIT reply is written right after init() returns
+    raise_read_ahead(real_mountpoint)
 
 
 async def _stop_on_signals() -> None:
@@ -290,12 +298,11 @@ def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> i
         pyfuse3.init(operations, config.mountpoint, fuse_options(config))
     except RuntimeError as error:
         raise MountError(EXIT_FUSE, f"cannot mount {config.mountpoint}: {error}") from None
-    raise_read_ahead(real_mountpoint)
     if callable(on_ready):
         on_ready()
     log.info("mounted %s", config.mountpoint)
     try:
-        trio.run(_serve, config)
+        trio.run(_serve, operations, real_mountpoint)
     finally:
         pyfuse3.close(unmount=real_mountpoint in mounted_paths())
         operations.handles.close_all()

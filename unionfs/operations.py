@@ -79,6 +79,7 @@ class Operations(pyfuse3.Operations):
         self.timeout = config.timeout
         self.handles = HandleTable()
         self.lock = trio.Lock()
+        self.initialized = trio.Event()
         self.ids = IdMapper(config)
         self.mutations: Mutations | None = None
         self.copyup: CopyUp | None = None
@@ -87,6 +88,10 @@ class Operations(pyfuse3.Operations):
             self.mutations = Mutations(
                 tree, tree.upper, work, self.copyup, oci_whiteouts=config.whiteout_format == "oci"
             )
+
+    def init(self) -> None:
+        """Called by pyfuse3 when the kernel's INIT request arrives."""
+        self.initialized.set()
 
     # helpers -------------------------------------------------------------------------
     def _writer(self) -> Mutations:
