@@ -27,6 +27,14 @@ START_MARKER = "<!-- bench:start -->"
 END_MARKER = "<!-- bench:end -->"
 OURS = "unionfs"
 REFERENCES = ("overlay", "fuse-overlayfs", "overlay-rootless")
+SYSTEM_ORDER = (
+    "native",
+    "overlay",
+    "overlay-rootless",
+    "fuse-overlayfs",
+    "unionfs-fuse",
+    "unionfs",
+)
 
 
 def _add_lookup_growth(samples: dict[str, dict[str, list[float | None]]]) -> None:
@@ -49,11 +57,9 @@ def build(results: Results, titles: dict[str, str], units: dict[str, str]) -> di
     _add_lookup_growth(samples)
     if "lookup-growth" in samples:
         units["lookup-growth"] = "x"
-    systems: list[str] = []
-    for per_system in samples.values():
-        for system in per_system:
-            if system not in systems:
-                systems.append(system)
+    seen = {system for per_system in samples.values() for system in per_system}
+    systems = [system for system in SYSTEM_ORDER if system in seen]
+    systems += sorted(seen - set(systems))
     rows = []
     for row, per_system in samples.items():
         summaries = {}
@@ -98,6 +104,11 @@ def build(results: Results, titles: dict[str, str], units: dict[str, str]) -> di
     }
 
 
+def _ordered(systems: list[str]) -> list[str]:
+    known = [system for system in SYSTEM_ORDER if system in systems]
+    return known + sorted(set(systems) - set(known))
+
+
 def _format_value(value: float, unit: str) -> str:
     if unit == "s":
         if value >= 1:
@@ -130,7 +141,7 @@ def _format_ratio(value: float | None) -> str:
 def markdown(document: dict[str, Any], heading_level: int = 2) -> str:
     """The results table (and how it was made) as markdown."""
     meta = document["meta"]
-    systems = document["systems"]
+    systems = _ordered(document["systems"])
     hashes = "#" * heading_level
     lines = [
         f"{hashes} Benchmark results ({meta.get('scale', '?')} data set, "
@@ -217,7 +228,7 @@ def chart(document: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     rows = [row for row in document["rows"] if row["unit"] == "s"]
-    systems = [system for system in document["systems"] if system != "overlay"]
+    systems = [system for system in _ordered(document["systems"]) if system != "overlay"]
     if not rows:
         return False
     height = max(4.0, 0.42 * len(rows) * max(1, len(systems)) / 3 + 1.5)

@@ -38,6 +38,9 @@ from benchmarks.systems import (
 from benchmarks.workloads import Context, Workload, WorkloadError, WorkloadTimeout
 
 SCRATCH_ROOT = Path("/tmp/unionfs-bench")
+MOUNT_TIMEOUT = 60.0
+# Daemon logs of failed samples are kept here (gitignored) for the post-mortem.
+FAILED_LOGS = Path(__file__).resolve().parent / "results" / "tmp"
 
 
 @dataclass
@@ -285,6 +288,16 @@ class Runner:
             self.failed.add((workload.name, system))
             self.results.errors.setdefault(workload.name, {}).setdefault(system, error)
 
+    def _keep_log(self, base: Path, workload: Workload, system: System, round_index: int) -> str:
+        """Copy a failed sample's daemon log out of the scratch directory; say where."""
+        log = base / "unionfs.log"
+        if not log.exists():
+            return ""
+        FAILED_LOGS.mkdir(parents=True, exist_ok=True)
+        kept = FAILED_LOGS / f"{workload.name}.{system.name}.{round_index}.log"
+        shutil.copyfile(log, kept)
+        return f" (daemon log: {kept})"
+
     def sample(
         self, workload: Workload, system: System, round_index: int
     ) -> tuple[list[float] | None, str | None]:
@@ -295,9 +308,7 @@ class Runner:
         mounted: Mounted | None = None
         try:
             stack = self.data.stack(workload.stack)
-            mounted = system.mount(
-                stack, upper, work, mountpoint, workload.writable, self.config.timeout
-            )
+            mounted = system.mount(stack, upper, work, mountpoint, workload.writable, MOUNT_TIMEOUT)
             context = Context(self.data, mounted, self.config.timeout, base)
             if workload.prepare is not None:
                 workload.prepare(context)
@@ -313,9 +324,10 @@ class Runner:
             return values, None
         except WorkloadTimeout as error:
             abort_fuse(mountpoint)
-            return None, str(error)
+            return None, str(error) + self._keep_log(base, workload, system, round_index)
         except (MountError, WorkloadError, OSError) as error:
-            return None, f"{type(error).__name__}: {error}"
+            kept = self._keep_log(base, workload, system, round_index)
+            return None, f"{type(error).__name__}: {error}{kept}"
         finally:
             if mounted is not None:
                 mounted.unmount()
