@@ -138,7 +138,11 @@ def pid_from_log(log: Path | None) -> int | None:
 
 
 def daemon_pids(mountpoint: Path | str, marker: str) -> list[int]:
-    """Processes whose argv names ``mountpoint`` and contains ``marker`` (e.g. "unionfs")."""
+    """Processes whose argv names ``mountpoint`` and the program ``marker``.
+
+    ``marker`` ("unionfs", "fuse-overlayfs") must be a whole argument (``python -m unionfs``) or
+    the last component of one (``/usr/bin/fuse-overlayfs``), not merely a part of a path.
+    """
     names = {str(mountpoint), os.path.realpath(mountpoint)}
     found = []
     for entry in os.listdir("/proc"):
@@ -147,9 +151,22 @@ def daemon_pids(mountpoint: Path | str, marker: str) -> list[int]:
         argv = _cmdline(int(entry))
         if not argv or not names.intersection(argv):
             continue
-        if any(marker in arg for arg in argv):
+        if any(arg == marker or os.path.basename(arg) == marker for arg in argv):
             found.append(int(entry))
     return found
+
+
+def find_daemons(mountpoint: Path | str, marker: str, log: Path | None = None) -> list[int]:
+    """The daemons serving ``mountpoint``: the log's ``pid=N`` (if that process still names the
+    mountpoint in its argv: a reused log may hold an old pid) and whatever :func:`daemon_pids`
+    finds."""
+    pids = daemon_pids(mountpoint, marker)
+    logged = pid_from_log(log)
+    if logged is not None and logged not in pids and _alive(logged):
+        argv = _cmdline(logged) or []
+        if {str(mountpoint), os.path.realpath(mountpoint)}.intersection(argv):
+            pids.append(logged)
+    return pids
 
 
 def _stop_daemons(pids: Sequence[int]) -> list[int]:
@@ -244,7 +261,7 @@ def fuse_mounted(
     try:
         result = _run_quiet(argv)
     except subprocess.TimeoutExpired as error:
-        pids = [p for p in [pid_from_log(log)] if p] or daemon_pids(mountpoint, marker)
+        pids = find_daemons(mountpoint, marker, log)
         notes = unmount_fuse(mountpoint, pids=pids)
         raise AssertionError(
             f"mount command did not return within {MOUNT_TIMEOUT:.0f} s: {list(argv)}\n"
@@ -252,7 +269,7 @@ def fuse_mounted(
             + (f"\nlog tail:\n{_tail(_log_text(log))}" if log else "")
         ) from None
     if result.returncode != 0 or not is_mounted(mountpoint):
-        pids = [p for p in [pid_from_log(log)] if p] or daemon_pids(mountpoint, marker)
+        pids = find_daemons(mountpoint, marker, log)
         notes = unmount_fuse(mountpoint, pids=pids)
         problem = (
             f"exit code {result.returncode}"
@@ -264,7 +281,7 @@ def fuse_mounted(
             f"cleanup: {notes}" + (f"\nlog tail:\n{_tail(_log_text(log))}" if log else "")
         )
     # Find the daemon now, while its argv is certain to be there.
-    pids = [p for p in [pid_from_log(log)] if p] or daemon_pids(mountpoint, marker)
+    pids = find_daemons(mountpoint, marker, log)
     failed = True
     try:
         yield mountpoint
