@@ -156,7 +156,7 @@ def apply(model: Model, op: dict[str, Any]) -> Model:
         del new[op["path"]]
     elif kind == "mkdir":
         new[op["path"]] = {"t": "d"}
-    elif kind in ("fsync", "fsyncdir", "open_rw"):
+    elif kind in ("fsync", "fsyncdir", "open_rw", "rewrite_byte"):
         pass
     else:
         raise ValueError(f"unknown op {kind}")
@@ -176,8 +176,12 @@ def choose(model: Model, rng: random.Random, counter: Iterator[int], seed: int) 
     number = next(counter)
     if files and roll < 0.15:
         return {"op": "chmod", "path": rng.choice(files), "mode": rng.choice([0o600, 0o640, 0o755])}
-    if files and roll < 0.25:
+    if files and roll < 0.22:
         return {"op": "open_rw", "path": rng.choice(files)}
+    if files and roll < 0.30:
+        # Forces a full data copy-up of a lower file (big ones are copied in a thread)
+        # without changing the content: rewrite one byte with itself.
+        return {"op": "rewrite_byte", "path": rng.choice(files)}
     if roll < 0.45:
         parent = rng.choice(parents)
         tmp = (parent + "/" if parent else "") + f"t{seed}_{number}"
@@ -232,6 +236,14 @@ def perform(mountpoint: Path, op: dict[str, Any]) -> None:
         os.chmod(mountpoint / op["path"], op["mode"])
     elif kind == "open_rw":
         os.close(os.open(mountpoint / op["path"], os.O_RDWR))
+    elif kind == "rewrite_byte":
+        fd = os.open(mountpoint / op["path"], os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            offset = size // 2
+            os.pwrite(fd, os.pread(fd, 1, offset), offset)
+        finally:
+            os.close(fd)
     elif kind == "write_tmp":
         data = content(op["tag"])
         fd = os.open(mountpoint / op["path"], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
