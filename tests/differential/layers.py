@@ -387,10 +387,10 @@ def _node(draw: st.DrawFn, kind: str, options: StackOptions) -> Node:
         )
     if kind in ("fifo", "socket"):
         return Node(
-            kind,
+            "fifo" if kind == "fifo" else "socket",
             mode=draw(st.sampled_from((0o644, 0o600, 0o666))),
             uid=uid,
-            gid=gid,  # type: ignore[arg-type]
+            gid=gid,
             mtime_ns=mtime,
         )
     if kind == "chardev":
@@ -471,7 +471,8 @@ def stacks(draw: st.DrawFn, options: StackOptions = StackOptions()) -> Stack:
         below = merged_view(stack)
         layer: Layer = {}
         for _ in range(draw(st.integers(0, options.max_nodes_per_layer))):
-            if below and draw(st.booleans()):
+            shadow: bool = draw(st.booleans()) if below else False
+            if shadow:
                 path = draw(st.sampled_from(sorted(below)))  # shadow or delete something below
             else:
                 path = draw(paths(options.names, options.max_depth))

@@ -111,9 +111,14 @@ def round_trip(
             layers, base / "kernel-again", upper=base / "kernel.upper", workdir=base / "kernel.work"
         ) as mountpoint:
             kernel_again = view_of(mountpoint)
-        if compare_views(kernel_again, seen, ("kernel remounted", sut.name)):
+        against_remount = compare_views(kernel_again, seen, ("kernel remounted", sut.name))
+        if against_remount:
             problems += [
                 f"{sut.name} over the upper the kernel wrote: {line}" for line in against_live
+            ]
+            problems += [
+                f"{sut.name} over the upper the kernel wrote, vs the kernel remounted: {line}"
+                for line in against_remount
             ]
     return problems
 

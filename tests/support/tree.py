@@ -157,20 +157,43 @@ def _entry(path: str, st: os.stat_result, excluded: Sequence[bytes]) -> Entry:
     )
 
 
-def _walk(root: str) -> Iterable[tuple[str, str, os.stat_result]]:
-    """Yield (relative path, absolute path, lstat) depth first, sorted, never following links."""
+def _walk(
+    root: str, *, tolerate_errors: bool = False
+) -> Iterable[tuple[str, str, os.stat_result | OSError]]:
+    """Yield (relative path, absolute path, lstat) depth first, sorted, never following links.
+
+    With `tolerate_errors`, an entry that cannot be stat'ed (or a directory that cannot be
+    listed) is yielded with the OSError instead of its lstat, and the walk goes on.
+    """
     stack = [""]
     while stack:
         relative_dir = stack.pop()
         absolute_dir = os.path.join(root, relative_dir) if relative_dir else root
-        with os.scandir(absolute_dir) as iterator:
-            entries = sorted(iterator, key=lambda item: item.name)
+        try:
+            with os.scandir(absolute_dir) as iterator:
+                entries = sorted(iterator, key=lambda item: item.name)
+        except OSError as error:
+            if not tolerate_errors or not relative_dir:
+                raise
+            yield relative_dir + "/(listing)", absolute_dir, error
+            continue
         for item in entries:
             relative = os.path.join(relative_dir, item.name) if relative_dir else item.name
-            st = item.stat(follow_symlinks=False)
+            try:
+                st = item.stat(follow_symlinks=False)
+            except OSError as error:
+                if not tolerate_errors:
+                    raise
+                yield relative, item.path, error
+                continue
             yield relative, item.path, st
             if stat.S_ISDIR(st.st_mode):
                 stack.append(relative)
+
+
+def _error_entry(error: OSError) -> Entry:
+    name = errno.errorcode.get(error.errno or 0, str(error.errno))
+    return Entry(type=f"error({name})", mode=0, uid=-1, gid=-1)
 
 
 def snapshot(
@@ -178,12 +201,22 @@ def snapshot(
     *,
     excluded_xattr_prefixes: Sequence[bytes] = DEFAULT_EXCLUDED_XATTR_PREFIXES,
 ) -> Snapshot:
-    """Map every path below `root` (relative, `root` itself excluded) to its `Entry`."""
+    """Map every path below `root` (relative, `root` itself excluded) to its `Entry`.
+
+    An entry that cannot be read (stat, listing, content or xattrs fail) is recorded as an
+    `Entry` of type `error(ENAME)`, so that it shows up as a readable difference.
+    """
     root_str = os.fspath(root)
-    return {
-        relative: _entry(absolute, st, excluded_xattr_prefixes)
-        for relative, absolute, st in _walk(root_str)
-    }
+    result: Snapshot = {}
+    for relative, absolute, st in _walk(root_str, tolerate_errors=True):
+        if isinstance(st, OSError):
+            result[relative] = _error_entry(st)
+            continue
+        try:
+            result[relative] = _entry(absolute, st, excluded_xattr_prefixes)
+        except OSError as error:
+            result[relative] = _error_entry(error)
+    return result
 
 
 def root_entry(
@@ -367,6 +400,7 @@ def lower_fingerprint(layer_dirs: Iterable[Path | str]) -> Fingerprint:
         layer_str = os.fspath(layer)
         entries = {".": _fingerprint_entry(layer_str, os.lstat(layer_str))}
         for relative, absolute, st in _walk(layer_str):
+            assert not isinstance(st, OSError)
             entries[relative] = _fingerprint_entry(absolute, st)
         result[layer_str] = entries
     return result
