@@ -327,3 +327,40 @@ def test_bwrap_on_merged(rig: PodmanRig) -> None:
     gone = upper / "data" / "gone"
     wh = upper / "data" / ".wh.gone"
     assert gone.is_char_device() or wh.exists(), list((upper / "data").iterdir())
+
+
+def test_podman_save_import_run_diff_roundtrip(rig: PodmanRig, tmp_path: Path) -> None:
+    """podman save -> unionfs.oci.import_image -> unionfs run -> diff_upper -> podman import."""
+    from unionfs import oci, run
+
+    if rig.user is not None:
+        pytest.skip("root variants only (the rootless store is owned by the test user)")
+    ctx = rig.root / "ctx-save"
+    ctx.mkdir(exist_ok=True)
+    (ctx / "Containerfile").write_text(CONTAINERFILE)
+    build = rig.podman(
+        "build", "-q", "--network", "none", "-t", "localhost/saved:1", str(ctx),
+        timeout=180, check=False,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    expected = rig.podman("run", "--rm", "localhost/saved:1", "sh", "-c", CHECK_BUILT).stdout
+    for fmt in ("docker-archive", "oci-archive"):
+        archive = tmp_path / f"{fmt}.tar"
+        rig.podman("save", "--format", fmt, "-o", str(archive), "localhost/saved:1")
+        dest = tmp_path / f"dest-{fmt}"
+        result = oci.import_image(archive, dest, progress=False)
+        assert len(result.layer_dirs) == 4 and result.warnings == [], result.warnings
+        upper = tmp_path / f"upper-{fmt}"
+        out = tmp_path / f"out-{fmt}.txt"
+        script = f"({CHECK_BUILT}) > /tmp/out; echo more > /app/more; rm /app/b"
+        rc = run.run_in_union(oci.image_layers(dest), ["sh", "-c", script], upper=upper)
+        assert rc == 0
+        out.write_text((upper / "tmp" / "out").read_text())
+        assert out.read_text() == expected, f"{fmt}: unionfs run sees another tree than podman"
+        diff = oci.diff_upper(upper, tmp_path / f"diff-{fmt}.tar", progress=False,
+                              lowers=oci.image_layers(dest))  # fmt: skip
+        assert diff.whiteouts >= 1
+        with tarfile.open(tmp_path / f"diff-{fmt}.tar") as tar:
+            names = {m.name.rstrip("/") for m in tar.getmembers()}
+        assert {"app/more", "app/.wh.b", "tmp/out"} <= names, names
+        rig.podman("import", "-q", str(tmp_path / f"diff-{fmt}.tar"), f"localhost/diff-{fmt}:1")
