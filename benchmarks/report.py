@@ -95,9 +95,32 @@ def build(results: Results, titles: dict[str, str], units: dict[str, str]) -> di
                 "verdict_detail": detail,
             }
         )
+    daemon_cpu = {}
+    for workload, per_system in results.daemon_cpu.items():
+        present = {
+            system: values
+            for system, values in per_system.items()
+            if any(value is not None for value in values)
+        }
+        if not present:
+            continue
+        medians = {system: summarize(values) for system, values in present.items()}
+        daemon_cpu[workload] = {
+            "samples": present,
+            "median": {
+                system: (None if found is None else found.median)
+                for system, found in medians.items()
+            },
+            "unionfs/fuse-overlayfs": (
+                paired_ratio(present[OURS], present["fuse-overlayfs"])
+                if OURS in present and "fuse-overlayfs" in present
+                else None
+            ),
+        }
     return {
         "meta": results.meta,
         "systems": systems,
+        "daemon_cpu": daemon_cpu,
         "unavailable": results.unavailable,
         "errors": results.errors,
         "rows": rows,
@@ -186,6 +209,7 @@ def markdown(document: dict[str, Any], heading_level: int = 2) -> str:
         f"Targets: {counts['met']} met, {counts['missed']} missed, {counts['n/a']} without data.",
         "",
     ]
+    lines += daemon_cpu_table(document)
     versions = meta.get("versions", {})
     if versions:
         lines.append("Versions: " + "; ".join(f"{k}: {v}" for k, v in versions.items()) + ".")
@@ -206,6 +230,29 @@ def markdown(document: dict[str, Any], heading_level: int = 2) -> str:
             for system, error in per_system.items():
                 lines.append(f"- {workload} / {system}: {error.splitlines()[0][:200]}")
     return "\n".join(lines) + "\n"
+
+
+def daemon_cpu_table(document: dict[str, Any]) -> list[str]:
+    """CPU seconds the FUSE daemons used during each timed step (load-independent cost)."""
+    daemon_cpu = document.get("daemon_cpu") or {}
+    if not daemon_cpu:
+        return []
+    daemons = [s for s in ("fuse-overlayfs", "unionfs-fuse", OURS) if s in document["systems"]]
+    lines = [
+        "Daemon CPU time during the timed step (median; user + system of the FUSE daemon, all "
+        "threads): what a request costs, nearly independent of the machine's load.",
+        "",
+        "| workload | " + " | ".join(daemons) + " | unionfs/fuse-overlayfs |",
+        "|" + "---|" * (len(daemons) + 2),
+    ]
+    for workload, entry in daemon_cpu.items():
+        cells = [workload]
+        for daemon in daemons:
+            value = entry["median"].get(daemon)
+            cells.append("" if value is None else _format_value(value, "s"))
+        cells.append(_format_ratio(entry.get("unionfs/fuse-overlayfs")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 COLORS = {

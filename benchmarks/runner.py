@@ -60,6 +60,22 @@ class Results:
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # CPU seconds the FUSE daemon (all its threads) used during each timed step.
+    daemon_cpu: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
+
+
+def daemon_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process PID so far (None when unknown)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # Fields 14-17 of stat: utime, stime, cutime, cstime (ticks); after ")" they are 11-14.
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _mounts_below(directory: Path) -> list[str]:
@@ -199,6 +215,7 @@ class Runner:
         self.scratch = scratch
         self.results = Results()
         self.failed: set[tuple[str, str]] = set()
+        self.cpu_sample: float | None = None
 
     def say(self, message: str) -> None:
         if self.config.verbose:
@@ -281,6 +298,9 @@ class Runner:
     def _record(
         self, workload: Workload, system: str, values: list[float] | None, error: str | None
     ) -> None:
+        cpu = self.results.daemon_cpu.setdefault(workload.name, {}).setdefault(system, [])
+        cpu.append(self.cpu_sample if values is not None else None)
+        self.cpu_sample = None
         for index, row in enumerate(workload.rows):
             value = None if values is None else values[index]
             self.results.samples[row][system].append(value)
@@ -306,6 +326,7 @@ class Runner:
         for path in (upper, work, mountpoint):
             path.mkdir(parents=True)
         mounted: Mounted | None = None
+        self.cpu_sample = None
         try:
             stack = self.data.stack(workload.stack)
             mounted = system.mount(stack, upper, work, mountpoint, workload.writable, MOUNT_TIMEOUT)
@@ -314,7 +335,11 @@ class Runner:
                 workload.prepare(context)
             if workload.cold:
                 drop_caches()
+            cpu_before = daemon_cpu_seconds(mounted.pid)
             values = workload.run(context)
+            cpu_after = daemon_cpu_seconds(mounted.pid)
+            if cpu_before is not None and cpu_after is not None:
+                self.cpu_sample = cpu_after - cpu_before
             if mounted.log is not None and mounted.log.exists():
                 text = mounted.log.read_text(errors="replace")
                 if "Traceback" in text:
