@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         "unionfs-fuse on one deterministic data set (issue 4).",
     )
     parser.add_argument("--small", action="store_true", help="small data set (a few minutes)")
-    parser.add_argument("--rounds", type=int, help="rounds (default 3 with --small, else 5)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3)")
     parser.add_argument(
         "--only", help="comma-separated workloads to run (names or shell patterns, e.g. 'find-*')"
     )
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench: unknown systems {unknown}; known: {list(ALL_SYSTEMS)}", file=sys.stderr)
         return 2
-    rounds = arguments.rounds or (3 if arguments.small else 5)
+    rounds = arguments.rounds or 3
     if rounds < 1:
         print("bench: --rounds must be at least 1", file=sys.stderr)
         return 2
