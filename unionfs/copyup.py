@@ -73,7 +73,16 @@ class CopyUp:
         if link is None:
             raise FileNotFoundError(errno.ENOENT, "directory has no name")
         parent, name = link
-        self.ensure_dir(parent)
+        # Missing ancestors first, top down and without recursion: a tree can be deeper
+        # than Python's recursion limit (test_copy_up_below_1000_directories).
+        missing: list[Node] = []
+        ancestor: Node | None = parent
+        while ancestor is not None and not ancestor.in_upper:
+            missing.append(ancestor)
+            up = ancestor.primary_link()
+            ancestor = up[0] if up is not None else None
+        for directory in reversed(missing):
+            self.ensure_dir(directory)
         source = node.lower[0]
         source_fd, source_name = source.layer.parent_and_name(source.path)
         st = safeio.lstat(source_fd, source_name)

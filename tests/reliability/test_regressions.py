@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,80 @@ def test_recreated_directory_removed_again_keeps_lower_hidden(
             assert os.listdir(mountpoint / "x") == []
     with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir):
         assert sorted(os.listdir(mountpoint)) == ([] if how == "rmdir" else ["x"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda path: path.write_text(""),
+        lambda path: os.mkdir(path),
+        lambda path: os.symlink("b", path),
+        lambda path: os.mknod(path),
+        lambda path: os.link(path.parent / "mine", path),
+        lambda path: os.rename(path.parent / "mine", path),
+    ],
+    ids=["create", "mkdir", "symlink", "mknod", "link", "rename"],
+)
+def test_names_starting_wh_cannot_be_made(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path, make: Callable[[Path], object]
+) -> None:
+    """Found by test_hostile.py::test_whiteout_tricks: creating ``.wh.b`` through the mount
+    failed (the new name is hidden) but left ``.wh.b`` in the upper, which then hid ``b``;
+    ``.wh..wh..opq`` hid every lower file in the directory."""
+    (lower,) = tmp_layers({"b": "b\n", "d/e": "e\n"})
+    upper, workdir = tmp_path / "upper", tmp_path / "work"
+    with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir):
+        (mountpoint / "mine").write_text("mine\n")
+        for name in (".wh.b", ".wh..wh..opq", ".wh.d"):
+            with pytest.raises(OSError) as raised:
+                make(mountpoint / name)
+            assert raised.value.errno == errno.EINVAL
+        assert sorted(os.listdir(mountpoint)) == ["b", "d", "mine"]
+    assert sorted(os.listdir(upper)) == ["mine"]
+
+
+@pytest.mark.parametrize("source", ["lower", "upper"])
+def test_rename_to_a_255_byte_name(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path, source: str
+) -> None:
+    """Found by test_hostile.py::test_strange_names: a rename to a name longer than 251 bytes
+    was done in the upper but answered ENAMETOOLONG (removing a possible ``.wh.NAME`` failed
+    afterwards), leaving the daemon's inode table out of step with the upper."""
+    (lower,) = tmp_layers({"lower": "lower\n"})
+    upper, workdir = tmp_path / "upper", tmp_path / "work"
+    long_name = "z" * 255
+    with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir):
+        (mountpoint / "upper").write_text("upper\n")
+        os.rename(mountpoint / source, mountpoint / long_name)
+        assert (mountpoint / long_name).read_text() == f"{source}\n"
+        assert sorted(os.listdir(mountpoint)) == sorted({"lower", "upper", long_name} - {source})
+        os.rename(mountpoint / long_name, mountpoint / "back")
+        assert (mountpoint / "back").read_text() == f"{source}\n"
+
+
+def test_copy_up_below_1000_directories(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
+) -> None:
+    """Found by test_hostile.py::test_depth_1000: copying up a file 1000 directories deep
+    recursed once per directory (copyup.ensure_dir) and hit Python's recursion limit: EIO."""
+    (lower,) = tmp_layers({"top": "top\n"})
+    fd = os.open(lower, os.O_DIRECTORY)
+    for _ in range(1000):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(os.open("bottom", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    os.close(fd)
+    upper, workdir = tmp_path / "upper", tmp_path / "work"
+    with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir):
+        fd = os.open(mountpoint, os.O_DIRECTORY)
+        try:
+            for _ in range(1000):
+                child = os.open("d", os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = child
+            os.close(os.open("bottom", os.O_WRONLY, dir_fd=fd))
+            os.mkdir("new", dir_fd=fd)
+        finally:
+            os.close(fd)
