@@ -368,9 +368,14 @@ class _Source:
             with contextlib.suppress(KeyError):
                 member = self.tar.getmember(candidate)
                 break
-        if member is None or not member.isfile():
+        # Old ``docker save`` archives share a layer.tar between images with a symlink; tarfile
+        # resolves such links to another member of the archive (never to the filesystem).
+        if member is None or not (member.isfile() or member.issym() or member.islnk()):
             raise ImageError(f"{self.path}: missing blob {name}")
-        extracted = self.tar.extractfile(member)
+        try:
+            extracted = self.tar.extractfile(member)
+        except KeyError:
+            extracted = None
         if extracted is None:
             raise ImageError(f"{self.path}: cannot read {name}")
         with extracted:

@@ -408,3 +408,52 @@ def test_import_unprivileged_for_real(tmp_path: Path, how: str) -> None:
             assert "owner of" in proc.stdout, "unmapped owners must be reported, not fatal"
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_docker_save_with_symlinked_layer(tmp_path: Path) -> None:
+    """Old docker save archives point a duplicate layer.tar at another with a symlink."""
+    import io
+    import tarfile
+
+    archive = write_docker_archive(tmp_path / "save.tar", [base_layer(), top_layer()])
+    with tarfile.open(archive) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar]  # type: ignore[union-attr]
+    manifest = json.loads(next(d for m, d in members if m.name == "manifest.json") or b"")
+    layers = manifest[0]["Layers"]
+    relinked = tmp_path / "relinked.tar"
+    with tarfile.open(relinked, "w") as out:
+        for member, data in members:
+            if member.name == layers[0]:
+                out.addfile(member, io.BytesIO(data or b""))
+                other = tarfile.TarInfo("shared/layer.tar")
+                other.type = tarfile.SYMTYPE
+                other.linkname = "../" + layers[0]
+                out.addfile(other)
+            elif data is not None:
+                out.addfile(member, io.BytesIO(data))
+        manifest[0]["Layers"][0] = "shared/layer.tar"
+        raw = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(raw)
+    with tarfile.open(relinked, "a") as out:
+        out.addfile(info, io.BytesIO(raw))
+    result = oci.import_image(relinked, tmp_path / "dest", progress=False)
+    assert (result.layer_dirs[0] / "etc" / "motd").read_text() == "hello\n"
+
+
+def test_progress_only_on_a_tty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    image = write_oci_layout(tmp_path / "img", [base_layer(), top_layer()])
+    tty = Tty()
+    monkeypatch.setattr(oci.sys, "stderr", tty)
+    oci.import_image(image, tmp_path / "a", progress=True)
+    assert "\r" in tty.getvalue() and "layer 2/2" in tty.getvalue()
+    plain = io.StringIO()
+    monkeypatch.setattr(oci.sys, "stderr", plain)
+    oci.import_image(image, tmp_path / "b", progress=True)
+    assert plain.getvalue() == ""
