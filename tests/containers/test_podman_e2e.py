@@ -84,7 +84,12 @@ def probe_mount_program(program: str) -> str | None:
             names = sorted(os.listdir(t / "m"))
             if names != ["base", "top"]:
                 return f"{program} merged view is {names}, expected ['base', 'top']"
-            magic = os.statvfs(t / "m")  # noqa: F841  (statfs magic is checked by podman)
+            magic = subprocess.run(
+                ["stat", "-f", "-c", "%t", str(t / "m")], capture_output=True, text=True,
+                check=False,
+            ).stdout.strip()  # fmt: skip
+            if magic != "65735546":
+                return f"{program}: statfs magic is {magic}, podman expects FUSE 0x65735546"
             return None
         except subprocess.TimeoutExpired:
             return f"{program} -o lowerdir=... did not return within 30 s"
