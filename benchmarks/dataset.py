@@ -10,7 +10,7 @@ system (files hard-linked to the layers' files, so it must only ever be read):
 - ``bigdir``   one directory ``big/`` with 10,000 entries, 90% in the base layer, 10% on top.
 - ``bigfile``  ``big.bin`` (1 GiB) in the base layer.
 - ``midfile``  ``mid.bin`` (256 MiB) in the base layer (the copy-up workload).
-- ``sparse``   ``sparse.img``: 16 GiB apparent size, 16 data extents of 256 KiB.
+- ``sparse``   ``sparse.img``: 4 GiB apparent size (1 GiB small), 16 data extents of 256 KiB.
 - ``rootfs``   a Python rootfs layer (the interpreter, its stdlib, its libraries found with ldd)
                and an ``app`` layer on top with ``/app/main.py``.
 - ``stack``    100 layers ``0`` .. ``99``, the same 20 directories in each; the lookup targets
@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-VERSION = 3
+VERSION = 4
 SEED = 20240605
 MIB = 1 << 20
 GIB = 1 << 30
@@ -83,7 +83,7 @@ class Scale:
     stack_files: int
 
 
-FULL = Scale("full", 2000, 20000, 10000, GIB, 256 * MIB, 16 * GIB, 5000, 100, 2000)
+FULL = Scale("full", 2000, 20000, 10000, GIB, 256 * MIB, 4 * GIB, 5000, 100, 2000)
 SMALL = Scale("small", 200, 2000, 2000, 64 * MIB, 16 * MIB, GIB, 1000, 100, 500)
 
 
