@@ -86,6 +86,10 @@ class CopyUp:
         source = node.lower[0]
         source_fd, source_name = source.layer.parent_and_name(source.path)
         st = safeio.lstat(source_fd, source_name)
+        if not stat.S_ISDIR(st.st_mode):
+            # The lower directory was replaced (by a symlink, say) under a live mount: never
+            # give a new upper directory that object's mode (0777 for a symlink).
+            raise OSError(errno.ESTALE, "lower directory replaced while mounted")
         parent_fd = self.upper.dir_fd(merged_path(parent))
         temp = self.work.temp_name()
         os.mkdir(temp, 0o700, dir_fd=self.work.fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,3 +117,23 @@ def test_copy_up_below_1000_directories(
             os.mkdir("new", dir_fd=fd)
         finally:
             os.close(fd)
+
+
+def test_copy_up_of_a_directory_swapped_for_a_symlink(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
+) -> None:
+    """Found by test_hostile.py::test_symlink_swapped_in_for_a_directory_while_in_use: when a
+    lower directory the kernel still caches is replaced by a symlink, a copy-up below it made
+    the upper directory from the symlink's lstat: a directory with mode 0777 (permissions
+    widened). The copy-up must refuse a source that is no longer a directory."""
+    (lower,) = tmp_layers({"d/sub/file": "inside\n"})
+    os.chmod(lower / "d", 0o750)
+    upper, workdir = tmp_path / "upper", tmp_path / "work"
+    with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir):
+        assert (mountpoint / "d" / "sub" / "file").read_text() == "inside\n"
+        os.rename(lower / "d", lower / "d.old")
+        os.symlink("/", lower / "d")
+        with pytest.raises(OSError):
+            os.mkdir(mountpoint / "d" / "new")
+        st = os.lstat(upper / "d") if (upper / "d").exists() else None
+        assert st is None or stat.S_IMODE(st.st_mode) == 0o750, oct(st.st_mode)
