@@ -28,22 +28,35 @@ FULL, METADATA, EMPTY = "full", "metadata", "empty"  # what a copy-up must bring
 RunInThread = Callable[[Callable[[], int]], Awaitable[int]]
 
 
+def _mode_for_copy(st: os.stat_result, *, owner_kept: bool) -> int:
+    """The copy's mode: set-id bits of a non-directory survive only with its owner (an
+    unprivileged daemon's copy of a root set-uid file must not be set-uid to the daemon's
+    user: tests/reliability/test_permissions.py::test_copy_up_never_widens_permissions)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if not owner_kept and not stat.S_ISDIR(st.st_mode):
+        mode &= ~(stat.S_ISUID | stat.S_ISGID)
+    return mode
+
+
 def apply_metadata(fd: int, st: os.stat_result) -> None:
     """Owner first (chown clears set-id bits), then mode, on an open file."""
+    owner_kept = True
     try:
         os.fchown(fd, st.st_uid, st.st_gid)
     except PermissionError:
-        pass  # an unprivileged daemon keeps its own ownership
-    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        owner_kept = False  # an unprivileged daemon keeps its own ownership
+    os.fchmod(fd, _mode_for_copy(st, owner_kept=owner_kept))
 
 
 def apply_path_metadata(dir_fd: int, name: bytes, st: os.stat_result, *, symlink: bool) -> None:
+    owner_kept = True
     try:
         os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
     except PermissionError:
-        pass
+        owner_kept = False
     if not symlink:
-        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd, follow_symlinks=False)
+        mode = _mode_for_copy(st, owner_kept=owner_kept)
+        os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)
 
 
 class CopyUp:
