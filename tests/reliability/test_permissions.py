@@ -156,6 +156,8 @@ for path in sys.argv[1:]:
     except OSError as error:
         entry["open"] = error.errno
     out[os.path.basename(path) or path] = entry
+out["/listing"] = sorted(os.listdir(os.path.dirname(sys.argv[1])))
+out["/modes"] = [os.lstat(path).st_mode for path in sys.argv[1:]]
 print(json.dumps(out, sort_keys=True))
 """
 
