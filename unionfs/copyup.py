@@ -108,7 +108,7 @@ class CopyUp:
         os.mkdir(temp, 0o700, dir_fd=self.work.fd)
         try:
             safeio.copy_xattrs(
-                source_fd, source_name, self.work.fd, temp, skip=whiteout.PRIVATE_PREFIXES
+                source_fd, source_name, self.work.fd, temp, keep=whiteout.is_copied_xattr
             )
             apply_path_metadata(self.work.fd, temp, st, symlink=False)
             os.utime(
@@ -123,7 +123,9 @@ class CopyUp:
             raise
         self._adopt_upper(node, parent, name, parent_fd)
 
-    async def ensure_file(self, node: Node, *, data: str = FULL) -> None:
+    async def ensure_file(
+        self, node: Node, *, data: str = FULL, via: tuple[Node, bytes] | None = None
+    ) -> None:
         """Make sure a non-directory has an upper object.
 
         ``data`` is FULL (copy the data), METADATA (for chmod/chown/utimes/xattrs/rename: a
@@ -135,10 +137,14 @@ class CopyUp:
             self.ensure_dir(node)
             return
         if node.in_upper:
-            if node.metacopy and data != METADATA:
+            if node.metacopy and (
+                data != METADATA or (via is not None and not node.links.get(via))
+            ):
                 await self._complete_metacopy(node, empty=data == EMPTY)
+            if via is not None and not node.links.get(via, True):
+                self._link_lower_name(node, *via)
             return
-        link = node.primary_link()
+        link = via if via is not None else node.primary_link()
         if link is None or not node.lower:
             raise FileNotFoundError(errno.ENOENT, "file has no name")
         parent, name = link
@@ -178,6 +184,23 @@ class CopyUp:
         self._adopt_upper(node, parent, name, parent_fd)
         node.generation += 1
         self.copies += 1
+
+    def _link_lower_name(self, node: Node, parent: Node, name: bytes) -> None:
+        """Another (lower) name of a hard-linked file that is already up: link it to the upper
+        object, so every name keeps showing one inode (what kernel overlayfs's index does)."""
+        self.ensure_dir(parent)
+        source_path = self.tree.upper_path(node)
+        parent_fd = self.upper.dir_fd(merged_path(parent))
+        os.link(
+            source_path[-1],
+            name,
+            src_dir_fd=self.upper.dir_fd(source_path[:-1]),
+            dst_dir_fd=parent_fd,
+            follow_symlinks=False,
+        )
+        node.lower_links_consumed += 1
+        node.links[(parent, name)] = True
+        self.upper.forget_dir(merged_path(parent))
 
     async def _complete_metacopy(self, node: Node, *, empty: bool) -> None:
         """Give a metadata-only upper file its data (or none, before a truncate to zero)."""
@@ -257,7 +280,7 @@ class CopyUp:
                 self.bytes_copied += copied
             else:
                 os.ftruncate(target_fd, size)
-            safeio.copy_xattrs(meta_fd, meta_name, target_fd, None, skip=whiteout.PRIVATE_PREFIXES)
+            safeio.copy_xattrs(meta_fd, meta_name, target_fd, None, keep=whiteout.is_copied_xattr)
             if metacopy:
                 os.setxattr(target_fd, self.prefix + "metacopy", b"")
                 if redirect is not None:
@@ -297,7 +320,7 @@ class CopyUp:
             os.mknod(temp, st.st_mode, st.st_rdev, dir_fd=self.work.fd)
         try:
             safeio.copy_xattrs(
-                source_dir_fd, source_name, self.work.fd, temp, skip=whiteout.PRIVATE_PREFIXES
+                source_dir_fd, source_name, self.work.fd, temp, keep=whiteout.is_copied_xattr
             )
             apply_path_metadata(self.work.fd, temp, st, symlink=symlink)
             os.utime(

@@ -141,5 +141,12 @@ class InodeTable:
         if node is None or ino == ROOT_INODE:
             return
         node.lookups -= count
-        if node.lookups <= 0 and not node.open_fds and not node.links:
+        # A node whose lower hard links were partly copied up or deleted holds state that
+        # cannot be read back from the layers: keep it for the life of the mount.
+        if (
+            node.lookups <= 0
+            and not node.open_fds
+            and not node.links
+            and not node.lower_links_consumed
+        ):
             del self.nodes[ino]

@@ -303,6 +303,7 @@ def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> i
     log.info("mounted %s", config.mountpoint)
     try:
         trio.run(_serve, operations, real_mountpoint)
+        log.info("request loop ended")
     finally:
         pyfuse3.close(unmount=real_mountpoint in mounted_paths())
         operations.handles.close_all()

@@ -160,7 +160,7 @@ class Mutations:
     ) -> tuple[Node, os.stat_result, int]:
         self._require_absent(parent, name)
         opened: list[int] = []
-        open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | (flags & os.O_APPEND)
+        open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR  # O_APPEND is the kernel's job
 
         def make(dir_fd: int, target: bytes) -> None:
             fd = safeio.open_file(dir_fd, target, open_flags, stat.S_IMODE(mode))
@@ -353,9 +353,9 @@ class Mutations:
         if source.is_dir and self._is_ancestor(source, new_parent):
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
 
-        await self.copyup.ensure_file(source, data=METADATA)
+        await self.copyup.ensure_file(source, data=METADATA, via=(old_parent, old_name))
         if exchange and target is not None:
-            await self.copyup.ensure_file(target, data=METADATA)
+            await self.copyup.ensure_file(target, data=METADATA, via=(new_parent, new_name))
         old_fd = self._upper_dir(old_parent)
         new_fd = self._upper_dir(new_parent)
         old_path = link_path(old_parent, old_name)

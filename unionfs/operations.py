@@ -70,7 +70,10 @@ COPY_LIMITER = trio.CapacityLimiter(2)
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False
+    # The kernel caches writes and sends them in big batches; it then owns O_APPEND, size and
+    # mtime, and may read through a write-only handle, so upper files are opened O_RDWR
+    # without O_APPEND.
+    enable_writeback_cache = True
 
     def __init__(self, tree: MergedTree, config: MountConfig, work: WorkDir | None) -> None:
         super().__init__()
@@ -188,10 +191,11 @@ class Operations(pyfuse3.Operations):
         attribute = os.fsdecode(name)
         if attribute.startswith(introspection.PREFIX):
             return introspection.answer(self, self._node(inode), attribute)
-        if whiteout.is_private_xattr(attribute):
+        stored = whiteout.stored_xattr_name(attribute)
+        if stored is None:
             raise OSError(errno.ENODATA, "private")
         dir_fd, entry = self.tree.top_location(self._node(inode))
-        value = safeio.get_xattr(dir_fd, entry, attribute)
+        value = safeio.get_xattr(dir_fd, entry, stored)
         if value is None:
             raise OSError(errno.ENODATA, "no such attribute")
         return value
@@ -199,11 +203,8 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         dir_fd, entry = self.tree.top_location(self._node(inode))
-        return [
-            os.fsencode(attribute)
-            for attribute in safeio.list_xattrs(dir_fd, entry)
-            if not whiteout.is_private_xattr(attribute)
-        ]
+        shown = (whiteout.shown_xattr_name(stored) for stored in safeio.list_xattrs(dir_fd, entry))
+        return [os.fsencode(name) for name in shown if name is not None]
 
     @boundary
     async def setxattr(
@@ -211,28 +212,30 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         attribute = os.fsdecode(name)
         writer = self._writer()
-        if whiteout.is_private_xattr(attribute) or attribute.startswith(introspection.PREFIX):
+        stored = whiteout.stored_xattr_name(attribute)
+        if stored is None or attribute.startswith(introspection.PREFIX):
             raise OSError(errno.EPERM, "private attribute")
         async with self.lock:
             node = self._node(inode)
             await writer.prepare_change(node, METADATA)
             dir_fd, entry = writer.upper_location(node)
-            safeio.set_xattr(dir_fd, entry, attribute, value)
+            safeio.set_xattr(dir_fd, entry, stored, value)
 
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         attribute = os.fsdecode(name)
         writer = self._writer()
-        if whiteout.is_private_xattr(attribute):
+        stored = whiteout.stored_xattr_name(attribute)
+        if stored is None:
             raise OSError(errno.ENODATA, "private attribute")
         async with self.lock:
             node = self._node(inode)
             dir_fd, entry = self.tree.top_location(node)
-            if safeio.get_xattr(dir_fd, entry, attribute) is None:
+            if safeio.get_xattr(dir_fd, entry, stored) is None:
                 raise OSError(errno.ENODATA, "no such attribute")
             await writer.prepare_change(node, METADATA)
             dir_fd, entry = writer.upper_location(node)
-            safeio.remove_xattr(dir_fd, entry, attribute)
+            safeio.remove_xattr(dir_fd, entry, stored)
 
     # files ---------------------------------------------------------------------------
     @boundary
@@ -246,8 +249,7 @@ class Operations(pyfuse3.Operations):
                 await writer.prepare_change(node, EMPTY if truncate else FULL)
                 dir_fd, name = writer.upper_location(node)
                 assert name is not None
-                mode = os.O_RDWR if flags & os.O_RDWR else os.O_WRONLY
-                fd = safeio.open_file(dir_fd, name, mode | (flags & (os.O_APPEND | os.O_TRUNC)))
+                fd = safeio.open_file(dir_fd, name, os.O_RDWR | (flags & os.O_TRUNC))
         else:
             fd = self.tree.open_for_read(node)
         number = self.handles.add_file(FileHandle(node, fd, node.generation, writable))

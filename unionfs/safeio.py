@@ -16,6 +16,7 @@ import ctypes.util
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 RelPath = tuple[bytes, ...]
 
@@ -262,12 +263,12 @@ def copy_xattrs(
     target_dir_fd: int,
     target_name: bytes | None,
     *,
-    skip: tuple[str, ...],
+    keep: Callable[[str], bool],
 ) -> None:
-    """Copy every xattr not starting with a prefix in ``skip``; unsupported ones are
-    silently left out (an unprivileged copy cannot write trusted.* for example)."""
+    """Copy every xattr ``keep`` accepts; unsupported ones are silently left out (an
+    unprivileged copy cannot write trusted.* for example)."""
     for attribute in list_xattrs(source_dir_fd, source_name):
-        if attribute.startswith(skip):
+        if not keep(attribute):
             continue
         value = get_xattr(source_dir_fd, source_name, attribute)
         if value is None:

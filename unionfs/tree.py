@@ -101,12 +101,12 @@ class MergedTree:
         self, node: Node, parent: Node, name: bytes, st: os.stat_result
     ) -> None:
         """An upper file whose data was never copied (metacopy): point it at its lower data."""
-        if st.st_blocks * 512 >= st.st_size or self.upper is None:
-            return  # a metacopy file is all hole: only such files are worth an xattr call
+        if st.st_size == 0 or self.upper is None:
+            return  # no data to find; (the kernel's own metacopy files are not always sparse)
         parent_fd, entry = self.upper.parent_and_name(link_path(parent, name))
         if not any(
-            safeio.get_xattr(parent_fd, entry, attribute) is not None
-            for attribute in whiteout.METACOPY_XATTRS
+            attribute in whiteout.METACOPY_XATTRS
+            for attribute in safeio.list_xattrs(parent_fd, entry)
         ):
             return
         redirect = None

@@ -37,9 +37,35 @@ def private_prefix() -> str:
     return TRUSTED_PREFIX if os.geteuid() == 0 else USER_PREFIX
 
 
+# Since Linux 6.7 overlayfs lets users set overlay xattrs through the mount by escaping them:
+# ``trusted.overlay.X`` set through the mount is stored as ``trusted.overlay.overlay.X``.
+ESCAPED_PREFIXES = (TRUSTED_PREFIX + "overlay.", USER_PREFIX + "overlay.")
+
+
 def is_private_xattr(name: str) -> bool:
-    """Overlay bookkeeping xattrs are never shown through the merged view."""
-    return name.startswith(PRIVATE_PREFIXES)
+    """Overlay bookkeeping xattrs (stored form) are never shown through the merged view."""
+    return name.startswith(PRIVATE_PREFIXES) and not name.startswith(ESCAPED_PREFIXES)
+
+
+def is_copied_xattr(name: str) -> bool:
+    """xattrs a copy-up keeps: everything but our own bookkeeping (escaped ones are data)."""
+    return not is_private_xattr(name)
+
+
+def shown_xattr_name(stored: str) -> str | None:
+    """The name a stored xattr has in the merged view (None: hidden)."""
+    for prefix in (TRUSTED_PREFIX, USER_PREFIX):
+        if stored.startswith(prefix + "overlay."):
+            return prefix + stored[len(prefix) + len("overlay.") :]
+    return None if is_private_xattr(stored) else stored
+
+
+def stored_xattr_name(shown: str) -> str | None:
+    """Where an xattr named in the merged view is stored (None: not settable)."""
+    for prefix in (TRUSTED_PREFIX, USER_PREFIX):
+        if shown.startswith(prefix):
+            return prefix + "overlay." + shown[len(prefix) :]
+    return None if shown.startswith(FUSE_OVERLAYFS_PREFIX) else shown
 
 
 def oci_whiteout_target(name: bytes) -> bytes | None:
