@@ -70,7 +70,7 @@ class CopyUp:
         metacopy: bool = True,
     ) -> None:
         self.metacopy = metacopy
-        self.prefix = whiteout.private_prefix()
+        self.prefix = work.xattr_prefix
         self.tree = tree
         self.upper = upper
         self.work = work

@@ -43,8 +43,7 @@ class Mutations:
         self.work = work
         self.copyup = copyup
         self.oci_whiteouts = oci_whiteouts
-        self.privileged = os.geteuid() == 0
-        prefix = whiteout.private_prefix()
+        prefix = work.xattr_prefix
         self.opaque_xattr = prefix + "opaque"
         self.redirect_xattr = prefix + "redirect"
         self.whiteouts_made = 0

@@ -10,8 +10,6 @@ fuse-overlayfs also writes ``user.fuseoverlayfs.opaque``.
 
 from __future__ import annotations
 
-import os
-
 OCI_WHITEOUT_PREFIX = b".wh."
 OCI_OPAQUE_MARKER = b".wh..wh..opq"
 
@@ -30,11 +28,6 @@ WHITEOUT_XATTRS = (TRUSTED_PREFIX + "whiteout", USER_PREFIX + "whiteout")
 # A metadata-only copy-up: the upper file holds metadata, its data is still in a lower file
 # (the same path below, or the absolute ``overlay.redirect`` path). Kernel: metacopy=on.
 METACOPY_XATTRS = (TRUSTED_PREFIX + "metacopy", USER_PREFIX + "metacopy")
-
-
-def private_prefix() -> str:
-    """``trusted.overlay.`` when we may write trusted xattrs (root), else ``user.overlay.``."""
-    return TRUSTED_PREFIX if os.geteuid() == 0 else USER_PREFIX
 
 
 # Since Linux 6.7 overlayfs lets users set overlay xattrs through the mount by escaping them:

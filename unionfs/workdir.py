@@ -8,11 +8,12 @@ compatible. Leftovers from a crash are removed when a mount starts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 
-from unionfs import safeio
+from unionfs import safeio, whiteout
 
 WORK_NAME = b"work"
 TEMP_PREFIX = b"#unionfs."
@@ -34,6 +35,20 @@ class WorkDir:
             os.close(base_fd)
         self._counter = itertools.count()
         self.clean()
+        self.xattr_prefix = self._probe_xattr_prefix()
+
+    def _probe_xattr_prefix(self) -> str:
+        """``trusted.overlay.`` where the kernel lets us write trusted xattrs, else
+        ``user.overlay.`` (kernel overlayfs's ``userxattr`` form). Root inside a user namespace
+        has euid 0 but no trusted xattrs, so this is tried, not derived from the uid."""
+        probe = whiteout.TRUSTED_PREFIX + "unionfs-probe"
+        try:
+            os.setxattr(self.fd, probe, b"1")
+        except OSError:
+            return whiteout.USER_PREFIX
+        with contextlib.suppress(OSError):
+            os.removexattr(self.fd, probe)
+        return whiteout.TRUSTED_PREFIX
 
     def temp_name(self) -> bytes:
         return b"%s%d.%d" % (TEMP_PREFIX, os.getpid(), next(self._counter))

@@ -126,26 +126,6 @@ def rig(request: pytest.FixtureRequest) -> Iterator[PodmanRig]:
         )
 
 
-def xfail_on_userns_rename_bug(rig: PodmanRig, proc: subprocess.CompletedProcess[str]) -> None:
-    """Known unionfs bug, rootless only: a rename inside a user namespace fails with EPERM.
-
-    unionfs takes euid 0 as "may write trusted.* xattrs", but in a user namespace the kernel
-    refuses trusted.overlay.redirect/metacopy (EPERM), and the rename fails instead of using
-    user.overlay.* (or answering EXDEV so ``mv`` copies). The lead owns the fix.
-    """
-    if (
-        proc.returncode != 0
-        and rig.program == "unionfs"
-        and rig.user is not None
-        and "can't rename" in proc.stderr
-        and "Operation not permitted" in proc.stderr
-    ):
-        pytest.xfail(
-            "known unionfs bug: rename in a user namespace gives EPERM (trusted.overlay.*"
-            f" xattrs refused there): {proc.stderr.strip().splitlines()[0]}"
-        )
-
-
 def test_podman_run_writes_deletes_renames(rig: PodmanRig) -> None:
     script = (
         "set -e; echo new > /data/new; rm /data/gone; mv /data/keep /data/kept;"
@@ -155,7 +135,6 @@ def test_podman_run_writes_deletes_renames(rig: PodmanRig) -> None:
         " test ! -e /data/gone; test ! -e /data/dir; test ! -e /etc/motd; cat /etc/passwd"
     )
     proc = rig.podman("run", "--rm", "localhost/base:1", "sh", "-c", script, check=False)
-    xfail_on_userns_rename_bug(rig, proc)
     assert proc.returncode == 0, f"{proc.stderr}\n{rig.log_tail()}"
     out = proc.stdout
     lines = out.splitlines()
@@ -221,7 +200,6 @@ def test_podman_build_deletions_hold(rig: PodmanRig) -> None:
         "build", "-q", "--network", "none", "-t", "localhost/built:1", str(ctx),
         timeout=180, check=False,
     )  # fmt: skip
-    xfail_on_userns_rename_bug(rig, build)
     assert build.returncode == 0, f"{build.stderr}\n{rig.log_tail()}"
     out = rig.podman("run", "--rm", "localhost/built:1", "sh", "-c", CHECK_BUILT).stdout
     assert out.splitlines()[:4] == ["replaced", "fresh", "deep", "v1"], out
@@ -265,7 +243,6 @@ def test_podman_commit(rig: PodmanRig) -> None:
     )  # fmt: skip
     if proc.returncode != 0:
         rig.podman("rm", "-f", name, check=False)
-    xfail_on_userns_rename_bug(rig, proc)
     assert proc.returncode == 0, f"{proc.stderr}\n{rig.log_tail()}"
     try:
         rig.podman("commit", "-q", name, "localhost/committed:1")
