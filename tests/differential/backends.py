@@ -24,7 +24,11 @@ from pathlib import Path
 from tests.support.mounts import fuse_overlayfs_mounted, overlay_mounted, unionfs_mounted
 
 SUT_ENVIRONMENT_VARIABLE = "UNIONFS_DIFF_SUT"
-KERNEL_WRITABLE_OPTIONS = ("redirect_dir=on", "index=on")
+#: Options of the writable kernel oracle; UNIONFS_DIFF_KERNEL_OPTIONS overrides them (comma list),
+#: e.g. "redirect_dir=on,index=on,metacopy=on" to see what another configuration makes of an upper.
+KERNEL_WRITABLE_OPTIONS = tuple(
+    os.environ.get("UNIONFS_DIFF_KERNEL_OPTIONS", "redirect_dir=on,index=on").split(",")
+)
 
 
 @dataclass(frozen=True)

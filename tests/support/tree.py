@@ -191,9 +191,10 @@ def _walk(
                 stack.append(relative)
 
 
-def _error_entry(error: OSError) -> Entry:
+def _error_entry(error: OSError, path: str) -> Entry:
     name = errno.errorcode.get(error.errno or 0, str(error.errno))
-    return Entry(type=f"error({name})", mode=0, uid=-1, gid=-1)
+    # A unique fake inode, so that unreadable entries are never grouped as hard links.
+    return Entry(type=f"error({name})", mode=0, uid=-1, gid=-1, ino=(-1, hash(path)))
 
 
 def snapshot(
@@ -210,12 +211,12 @@ def snapshot(
     result: Snapshot = {}
     for relative, absolute, st in _walk(root_str, tolerate_errors=True):
         if isinstance(st, OSError):
-            result[relative] = _error_entry(st)
+            result[relative] = _error_entry(st, relative)
             continue
         try:
             result[relative] = _entry(absolute, st, excluded_xattr_prefixes)
         except OSError as error:
-            result[relative] = _error_entry(error)
+            result[relative] = _error_entry(error, relative)
     return result
 
 
