@@ -178,6 +178,10 @@ class MergedTree:
             return layer.root_fd, None
         if node.in_upper and self.upper is not None:
             return self.upper.parent_and_name(self.upper_path(node))
+        if not node.lower:
+            for fd in node.open_fds:
+                return fd, None  # unlinked while open: the open file itself
+            raise FileNotFoundError(errno.ENOENT, "node is gone")
         top = node.lower[0]
         return top.layer.parent_and_name(top.path)
 

@@ -137,3 +137,32 @@ def test_copy_up_of_a_directory_swapped_for_a_symlink(
             os.mkdir(mountpoint / "d" / "new")
         st = os.lstat(upper / "d") if (upper / "d").exists() else None
         assert st is None or stat.S_IMODE(st.st_mode) == 0o750, oct(st.st_mode)
+
+
+def test_xattrs_of_an_unlinked_open_file(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
+) -> None:
+    """Found by test_load.py::test_stress_ng_file_stressors (stress-ng --hdd): the kernel asks
+    for security.capability on every write; for a file unlinked while open the daemon hit an
+    IndexError (no upper, no lower: tree.top_location) and answered EIO with a traceback;
+    and close() of such a file returned EIO (the SETATTR the kernel sends got ENOENT)."""
+    (lower,) = tmp_layers({"x": "x\n"})
+    upper, workdir = tmp_path / "upper", tmp_path / "work"
+    with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir):
+        fd = os.open(mountpoint / "scratch", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            os.unlink(mountpoint / "scratch")
+            with pytest.raises(OSError) as raised:
+                os.getxattr(fd, "security.capability")
+            assert raised.value.errno == errno.ENODATA
+            assert os.listxattr(fd) == []
+            assert os.write(fd, b"data") == 4
+            assert os.pread(fd, 4, 0) == b"data"
+            os.fchmod(fd, 0o640)  # a setattr on the unlinked file
+            assert os.fstat(fd).st_mode & 0o777 == 0o640
+        except BaseException:
+            os.close(fd)
+            raise
+        # The kernel sends a SETATTR (times) at close: it failed with ENOENT, so close()
+        # returned EIO (found by the same stress-ng run).
+        os.close(fd)
