@@ -2,6 +2,8 @@
 
 - ``@pytest.mark.root`` tests skip with a reason unless run as root (CI runs as root).
 - ``require_root`` / ``require_overlay``: the same as fixtures; the overlayfs probe runs once.
+- ``ordinary_user`` (a system user made once, root only) and ``shared_tmp`` (a tmp dir it can
+  reach) for tests of the unprivileged path; run commands as it with ``tests.support.run_as``.
 - ``tmp_layers(spec, spec, ...)`` writes layers (base first) under the test's tmp dir, see
   ``tests.support.write_layer`` for the spec format; ``mountpoint`` is an empty directory.
 - At the end of the session, any mount left under pytest's tmp dir is unmounted and reported as
@@ -10,16 +12,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import pwd
+import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import LayerSpec, TmpLayers, write_layer
-from tests.support.mounts import mounts_under, overlay_available, unmount_fuse
+from tests.support import LayerSpec, TmpLayers, mounts, run_as, write_layer
+from tests.support.mounts import is_mounted, mounts_under, overlay_available, unmount_fuse
 
 # pytest deletes old temporary directories with shutil.rmtree, which recurses once per level:
 # a test that builds a tree deeper than the default limit (1000) would crash a later session.
@@ -68,6 +75,69 @@ def mountpoint(tmp_path: Path) -> Path:
     path = tmp_path / "mnt"
     path.mkdir()
     return path
+
+
+ORDINARY_USER = "unionfs-test"
+
+
+@pytest.fixture(scope="session")
+def ordinary_user() -> pwd.struct_passwd:
+    """An unprivileged system user for tests of the non-root path (root only, else skip).
+
+    Made with useradd on first use and kept (concurrent test runs may share it); run commands as
+    it with ``tests.support.run_as``. Skips if this interpreter is not usable by that user.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as an ordinary user (CI runs as root)")
+    if shutil.which("useradd") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs useradd and setpriv")
+    try:
+        user = pwd.getpwnam(ORDINARY_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/sbin/nologin", ORDINARY_USER],
+            check=False,
+            capture_output=True,
+        )
+        user = pwd.getpwnam(ORDINARY_USER)  # made by us or, just now, by a concurrent run
+    probe = run_as(user, [sys.executable, "-c", "import unionfs"])
+    if probe.returncode != 0:
+        pytest.skip(
+            f"{sys.executable} is not usable by an ordinary user "
+            f"(a venv inside a private home?): {probe.stderr.strip()}"
+        )
+    return user
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A temporary directory every user can reach (pytest's own is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="unionfs-shared-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for entry in path.rglob("*"):
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and not entry.is_symlink() and not is_mounted(entry):
+                    entry.chmod(0o755)
+        for mount in mounts_under(path):
+            unmount_fuse(mount.mountpoint)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+
+
+@pytest.fixture(autouse=True)
+def _mount_watchdog(request: pytest.FixtureRequest) -> None:
+    """Set the mount watchdog a little below this test's timeout (see mounts.watchdog_seconds)."""
+    marker = request.node.get_closest_marker("timeout")
+    timeout: float = 0.0
+    if marker is not None and (marker.args or "timeout" in marker.kwargs):
+        timeout = float(marker.args[0] if marker.args else marker.kwargs["timeout"])
+    else:
+        with contextlib.suppress(ValueError, TypeError):
+            timeout = float(request.config.getini("timeout") or 0)
+    if timeout > 0:
+        mounts.watchdog_seconds = max(5.0, timeout - min(30.0, timeout / 5))
 
 
 @pytest.fixture(scope="session", autouse=True)

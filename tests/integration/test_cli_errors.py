@@ -15,18 +15,19 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 import unionfs
-from tests.support.mounts import daemon_pids, fuse_overlayfs_mounted, is_mounted
+from tests.support import run_as
+from tests.support.mounts import daemon_pids, fuse_overlayfs_mounted, is_mounted, run_command
 
 EXIT_USAGE = 2
 EXIT_LAYER = 3
@@ -35,7 +36,6 @@ EXIT_PERMISSION = 5
 EXIT_FUSE = 6
 
 CLI_TIMEOUT = 30
-TEST_USER = "unionfs-test"
 
 
 def run_cli(
@@ -43,27 +43,9 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``python -m unionfs ARGS`` with no stdin; as ``user`` (through setpriv) when given."""
     argv = [sys.executable, "-m", "unionfs", *(str(arg) for arg in args)]
-    env = dict(os.environ)
     if user is not None:
-        argv = [
-            "setpriv",
-            f"--reuid={user.pw_uid}",
-            f"--regid={user.pw_gid}",
-            "--clear-groups",
-            "--",
-            *argv,
-        ]
-        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
-    return subprocess.run(
-        argv,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        check=False,
-        cwd="/",
-        env=env,
-    )
+        return run_as(user, argv, timeout=CLI_TIMEOUT)
+    return run_command(argv, timeout=CLI_TIMEOUT, cwd="/")
 
 
 def assert_clean_error(
@@ -123,9 +105,33 @@ def test_help_for_every_subcommand(args: list[str]) -> None:
     assert result.stderr == ""
 
 
-def test_top_level_help_names_the_subcommands() -> None:
+def subcommands() -> list[str]:
+    """The subcommands ``unionfs --help`` lists (the indented names under its COMMAND heading)."""
     result = run_cli("--help")
-    assert "mount" in result.stdout and "umount" in result.stdout, result.stdout
+    return re.findall(r"^    (\w[\w-]*)", result.stdout, flags=re.MULTILINE)
+
+
+def test_top_level_help_names_the_subcommands() -> None:
+    names = subcommands()
+    assert "mount" in names and "umount" in names, run_cli("--help").stdout
+
+
+def test_help_of_each_listed_subcommand() -> None:
+    names = subcommands()
+    assert names
+    for name in names:
+        result = run_cli(name, "--help")
+        assert result.returncode == 0, f"{name} --help: exit {result.returncode}: {result.stderr}"
+        assert f"usage: unionfs {name}" in result.stdout, f"{name} --help:\n{result.stdout}"
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.xfail(
+    reason="argparse lists a subcommand added with help=SUPPRESS as '==SUPPRESS==' (unmount alias)",
+    strict=False,
+)
+def test_help_shows_no_argparse_placeholder() -> None:
+    assert "==SUPPRESS==" not in run_cli("--help").stdout
 
 
 def test_mount_help_documents_the_options() -> None:
@@ -285,50 +291,6 @@ def test_umount_of_a_missing_path(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- as an ordinary user
 
 
-@pytest.fixture(scope="module")
-def ordinary_user() -> Iterator[pwd.struct_passwd]:
-    """An unprivileged user made for these tests (and removed after), or skip."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create an ordinary user (CI runs as root)")
-    if shutil.which("useradd") is None or shutil.which("setpriv") is None:
-        pytest.skip("needs useradd and setpriv")
-    created = False
-    try:
-        user = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-            capture_output=True,
-        )
-        created = True
-        user = pwd.getpwnam(TEST_USER)
-    probe = run_cli("--version", user=user)
-    if probe.returncode != 0:
-        pytest.skip(
-            f"{sys.executable} is not usable by an ordinary user "
-            f"(is the venv inside a private home?): {probe.stderr.strip()}"
-        )
-    yield user
-    if created:
-        subprocess.run(["userdel", TEST_USER], check=False, capture_output=True)
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user can reach (pytest's tmp dir is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="unionfs-cli-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        for entry in path.rglob("*"):
-            with contextlib.suppress(OSError):
-                if entry.is_dir() and not entry.is_symlink():
-                    entry.chmod(0o755)
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def dev_fuse_mode(mode: int) -> Iterator[None]:
     """Set /dev/fuse's mode for the duration, then restore it."""
@@ -340,27 +302,27 @@ def dev_fuse_mode(mode: int) -> Iterator[None]:
         os.chmod("/dev/fuse", before)
 
 
-def _user_mountpoint(shared_dir: Path, user: pwd.struct_passwd) -> Path:
-    mountpoint = shared_dir / "mnt"
+def _user_mountpoint(shared_tmp: Path, user: pwd.struct_passwd) -> Path:
+    mountpoint = shared_tmp / "mnt"
     mountpoint.mkdir()
     os.chown(mountpoint, user.pw_uid, user.pw_gid)
     return mountpoint
 
 
-def _world_readable_layer(shared_dir: Path) -> Path:
-    layer = shared_dir / "layer"
+def _world_readable_layer(shared_tmp: Path) -> Path:
+    layer = shared_tmp / "layer"
     layer.mkdir()
     (layer / "file").write_text("data\n")
     return layer
 
 
 @pytest.mark.root
-def test_layer_the_user_may_not_read(ordinary_user: pwd.struct_passwd, shared_dir: Path) -> None:
-    private = shared_dir / "private-layer"
+def test_layer_the_user_may_not_read(ordinary_user: pwd.struct_passwd, shared_tmp: Path) -> None:
+    private = shared_tmp / "private-layer"
     private.mkdir(mode=0o700)
     (private / "secret").write_text("x")
-    lower = _world_readable_layer(shared_dir)
-    mountpoint = _user_mountpoint(shared_dir, ordinary_user)
+    lower = _world_readable_layer(shared_tmp)
+    mountpoint = _user_mountpoint(shared_tmp, ordinary_user)
     with dev_fuse_mode(0o666):
         result = run_cli("mount", lower, private, mountpoint, user=ordinary_user)
     assert_clean_error(result, EXIT_PERMISSION, mentions=[private])
@@ -369,13 +331,13 @@ def test_layer_the_user_may_not_read(ordinary_user: pwd.struct_passwd, shared_di
 
 @pytest.mark.root
 def test_layer_inside_a_directory_the_user_may_not_enter(
-    ordinary_user: pwd.struct_passwd, shared_dir: Path
+    ordinary_user: pwd.struct_passwd, shared_tmp: Path
 ) -> None:
-    closed = shared_dir / "closed"
+    closed = shared_tmp / "closed"
     closed.mkdir(mode=0o700)
     hidden = closed / "layer"
     hidden.mkdir()
-    mountpoint = _user_mountpoint(shared_dir, ordinary_user)
+    mountpoint = _user_mountpoint(shared_tmp, ordinary_user)
     with dev_fuse_mode(0o666):
         result = run_cli("mount", hidden, mountpoint, user=ordinary_user)
     assert_clean_error(result, EXIT_PERMISSION, mentions=[hidden])
@@ -384,10 +346,10 @@ def test_layer_inside_a_directory_the_user_may_not_enter(
 
 @pytest.mark.root
 def test_mountpoint_the_user_may_not_write(
-    ordinary_user: pwd.struct_passwd, shared_dir: Path
+    ordinary_user: pwd.struct_passwd, shared_tmp: Path
 ) -> None:
-    lower = _world_readable_layer(shared_dir)
-    mountpoint = shared_dir / "root-owned-mnt"
+    lower = _world_readable_layer(shared_tmp)
+    mountpoint = shared_tmp / "root-owned-mnt"
     mountpoint.mkdir(mode=0o755)
     with dev_fuse_mode(0o666):
         result = run_cli("mount", lower, mountpoint, user=ordinary_user)
@@ -396,9 +358,9 @@ def test_mountpoint_the_user_may_not_write(
 
 
 @pytest.mark.root
-def test_dev_fuse_unusable(ordinary_user: pwd.struct_passwd, shared_dir: Path) -> None:
-    lower = _world_readable_layer(shared_dir)
-    mountpoint = _user_mountpoint(shared_dir, ordinary_user)
+def test_dev_fuse_unusable(ordinary_user: pwd.struct_passwd, shared_tmp: Path) -> None:
+    lower = _world_readable_layer(shared_tmp)
+    mountpoint = _user_mountpoint(shared_tmp, ordinary_user)
     with dev_fuse_mode(0o600):
         result = run_cli("mount", lower, mountpoint, user=ordinary_user)
     assert_clean_error(result, EXIT_FUSE)

@@ -4,7 +4,6 @@ the fuse-overlayfs command line, an ordinary user, and the example image ``scrip
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
@@ -12,18 +11,18 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support import run_as
 from tests.support.mounts import (
     daemon_pids,
     is_mounted,
     mount_entry,
     pid_from_log,
+    run_command,
     unionfs_mounted,
     unmount_fuse,
 )
@@ -81,12 +80,8 @@ def test_umount_subcommand_unmounts_and_the_daemon_exits(tmp_path: Path, mountpo
         pid = pid_from_log(log)
         pids = [pid] if pid else daemon_pids(mounted, "unionfs")
         assert pids, "no daemon found for a live mount"
-        result = subprocess.run(
+        result = run_command(
             [sys.executable, "-m", "unionfs", "umount", str(mounted)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
         )
         assert result.returncode == 0, result.stderr
         assert not is_mounted(mounted)
@@ -129,12 +124,8 @@ def test_fuse_overlayfs_command_line_lists_lowers_top_first(
     tmp_path: Path, mountpoint: Path
 ) -> None:
     lowerdir = ":".join(str(layer) for layer in reversed(EXAMPLE_LAYERS))
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "-m", "unionfs", "-o", f"lowerdir={lowerdir}", str(mountpoint)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
     )
     try:
         assert result.returncode == 0, result.stderr
@@ -151,12 +142,8 @@ def test_fuse_overlayfs_form_with_upper_writes_there(tmp_path: Path, mountpoint:
     work.mkdir()
     lowerdir = ":".join(str(layer) for layer in reversed(EXAMPLE_LAYERS))
     options = f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "-m", "unionfs", "-o", options, str(mountpoint)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
     )
     try:
         assert result.returncode == 0, result.stderr
@@ -168,73 +155,34 @@ def test_fuse_overlayfs_form_with_upper_writes_there(tmp_path: Path, mountpoint:
 
 # ---------------------------------------------------------------------------- an ordinary user
 
-TEST_USER = "unionfs-test"
-
-
-@pytest.fixture(scope="module")
-def ordinary_user() -> Iterator[pwd.struct_passwd]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create an ordinary user (CI runs as root)")
-    if shutil.which("useradd") is None or shutil.which("setpriv") is None:
-        pytest.skip("needs useradd and setpriv")
-    created = False
-    try:
-        user = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-            capture_output=True,
-        )
-        created = True
-        user = pwd.getpwnam(TEST_USER)
-    yield user
-    if created:
-        subprocess.run(["userdel", TEST_USER], check=False, capture_output=True)
-
-
-def run_as(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:
-    setpriv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
-    return subprocess.run(
-        [*setpriv, "--", *argv],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd="/",
-        env={**os.environ, "HOME": "/"},
-    )
-
 
 def as_user(user: pwd.struct_passwd, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_as(user, sys.executable, "-m", "unionfs", *args)
+    return run_as(user, [sys.executable, "-m", "unionfs", *args])
 
 
 @pytest.mark.root
-def test_ordinary_user_mounts_and_unmounts(ordinary_user: pwd.struct_passwd) -> None:
+def test_ordinary_user_mounts_and_unmounts(
+    ordinary_user: pwd.struct_passwd, shared_tmp: Path
+) -> None:
     if os.stat("/dev/fuse").st_mode & 0o006 != 0o006:
         pytest.skip("/dev/fuse is not usable by ordinary users here (scripts/test makes it 0666)")
-    if as_user(ordinary_user, "--version").returncode != 0:
-        pytest.skip(f"{sys.executable} is not usable by an ordinary user")
-    with contextlib.ExitStack() as stack:
-        shared = Path(tempfile.mkdtemp(prefix="unionfs-user-"))
-        stack.callback(shutil.rmtree, shared, True)
-        shared.chmod(0o755)
-        # A copy of the layers the user can surely read (the clone may sit in a private home).
-        layers = [
-            shutil.copytree(layer, shared / layer.name, symlinks=True) for layer in EXAMPLE_LAYERS
-        ]
-        mountpoint = shared / "mnt"
-        mountpoint.mkdir()
-        os.chown(mountpoint, ordinary_user.pw_uid, ordinary_user.pw_gid)
+    # A copy of the layers the user can surely read (the clone may sit in a private home).
+    layers = [
+        shutil.copytree(layer, shared_tmp / layer.name, symlinks=True) for layer in EXAMPLE_LAYERS
+    ]
+    mountpoint = shared_tmp / "mnt"
+    mountpoint.mkdir()
+    os.chown(mountpoint, ordinary_user.pw_uid, ordinary_user.pw_gid)
+    try:
         result = as_user(ordinary_user, "mount", *map(str, layers), str(mountpoint))
-        stack.callback(unmount_fuse, mountpoint)
         assert result.returncode == 0, result.stderr
         entry = mount_entry(mountpoint)
         assert entry is not None and f"user_id={ordinary_user.pw_uid}" in entry.options
         # Without allow_other only the mounting user may enter the mount (not even root).
-        read = run_as(ordinary_user, "cat", str(mountpoint / "etc" / "hostname"))
+        read = run_as(ordinary_user, ["cat", mountpoint / "etc" / "hostname"])
         assert read.stdout == "unionfs-demo\n", read.stderr
         result = as_user(ordinary_user, "umount", str(mountpoint))
         assert result.returncode == 0, result.stderr
         assert not is_mounted(mountpoint)
+    finally:
+        unmount_fuse(mountpoint, pids=daemon_pids(mountpoint, "unionfs"))

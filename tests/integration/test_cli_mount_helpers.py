@@ -10,11 +10,13 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import DIR, OPAQUE, WHITEOUT, Symlink, TmpLayers
+from tests.support import DIR, OPAQUE, WHITEOUT, Symlink, TmpLayers, mounts
 from tests.support.mounts import (
     daemon_pids,
     fuse_mounted,
@@ -22,6 +24,7 @@ from tests.support.mounts import (
     is_mounted,
     mount_entry,
     overlay_mounted,
+    run_command,
     unionfs_command,
 )
 
@@ -155,3 +158,34 @@ def test_kernel_overlay_honours_whiteouts_and_opaque_dirs(
     # The upper layer now holds a 0/0 character device whiteout for "keep".
     status = os.lstat(upper / "keep")
     assert (os.major(status.st_rdev), os.minor(status.st_rdev)) == (0, 0)
+
+
+@needs_fuse_overlayfs
+@pytest.mark.root
+def test_watchdog_frees_a_test_blocked_on_a_hung_daemon(
+    tmp_layers: TmpLayers, mountpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mounts, "watchdog_seconds", 2.0)
+    layers = tmp_layers({"f": "data\n"}, {})
+    started = time.monotonic()
+    with (
+        pytest.raises(AssertionError, match="watchdog"),
+        fuse_overlayfs_mounted(layers, mountpoint) as mounted,
+    ):
+        for pid in daemon_pids(mounted, "fuse-overlayfs"):
+            os.kill(pid, signal.SIGSTOP)  # the daemon now answers nothing
+        # A lookup of a name the kernel has not cached: blocks until the watchdog aborts.
+        with pytest.raises(OSError):
+            os.stat(mounted / "never-looked-up")
+    assert time.monotonic() - started < 60
+    assert not is_mounted(mountpoint)
+    assert not daemon_pids(mountpoint, "fuse-overlayfs")
+
+
+def test_run_command_returns_at_its_timeout_though_a_child_holds_its_output() -> None:
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired) as caught:
+        run_command(["sh", "-c", "sleep 60 & echo $!; exec sleep 60"], timeout=1)
+    assert time.monotonic() - started < 10
+    assert isinstance(caught.value.output, str)
+    os.kill(int(caught.value.output.split()[0]), signal.SIGKILL)

@@ -15,8 +15,10 @@ OCI-format whiteouts are plain files: ``".wh.NAME": ""`` and ``"dir/.wh..wh..opq
 from __future__ import annotations
 
 import os
+import pwd
 import stat
-from collections.abc import Callable, Mapping
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -77,3 +79,19 @@ def write_layer(root: Path, spec: LayerSpec) -> Path:
         else:
             raise TypeError(f"unknown layer entry for {relative!r}: {entry!r}")
     return root
+
+
+def run_as(
+    user: pwd.struct_passwd, argv: Sequence[str | os.PathLike[str]], *, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as ``user`` (root only; through setpriv, no PAM), from ``/``, no stdin.
+
+    Output is captured through files, so a daemon the command forks cannot make this hang.
+    """
+    from tests.support.mounts import run_command
+
+    setpriv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+    env = dict(os.environ, HOME=user.pw_dir or "/", USER=user.pw_name, LOGNAME=user.pw_name)
+    return run_command(
+        [*setpriv, "--", *(os.fspath(arg) for arg in argv)], timeout=timeout, cwd="/", env=env
+    )

@@ -23,16 +23,24 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 MOUNT_TIMEOUT = 30.0
 """Seconds a mount command may take before the test fails."""
 
 DAEMON_EXIT_TIMEOUT = 10.0
 """Seconds to wait for a daemon to exit after its mount is gone, before SIGTERM."""
+
+watchdog_seconds = 270.0
+"""How long a test may keep a FUSE mount before the watchdog declares the daemon hung: it then
+aborts the FUSE connection and kills the daemon, so that a test blocked in a syscall on the mount
+(which no signal but SIGKILL interrupts, so pytest-timeout cannot) fails instead of hanging.
+tests/conftest.py sets it a little below each test's pytest-timeout."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class MountEntry:
     fstype: str
     source: str
     options: str
+    device: str = ""
+    """``MAJOR:MINOR`` of the mounted filesystem (for FUSE, MINOR names its connection)."""
 
 
 def _unescape(field: str) -> str:
@@ -73,14 +83,26 @@ def mount_table() -> list[MountEntry]:
                     fstype=fstype,
                     source=_unescape(source),
                     options=fields[5] + "," + super_options.strip(),
+                    device=fields[2],
                 )
             )
     return entries
 
 
+def real_path(path: Path | str) -> str:
+    """``os.path.realpath`` that never touches the last component.
+
+    A mountpoint's last component is the mounted root: ``stat`` on it goes to the FUSE daemon and
+    blocks for good if that daemon hangs. Every helper here resolves mountpoints this way.
+    """
+    absolute = os.path.abspath(path)
+    parent, name = os.path.split(absolute)
+    return os.path.join(os.path.realpath(parent), name) if name else absolute
+
+
 def mount_entry(path: Path | str) -> MountEntry | None:
     """The topmost mount whose mountpoint is exactly ``path`` (resolved), or None."""
-    wanted = os.path.realpath(path)
+    wanted = real_path(path)
     found = None
     for entry in mount_table():
         if entry.mountpoint == wanted:
@@ -95,7 +117,7 @@ def is_mounted(path: Path | str) -> bool:
 
 def mounts_under(root: Path | str) -> list[MountEntry]:
     """Every mount at or below ``root``."""
-    prefix = os.path.realpath(root).rstrip("/") + "/"
+    prefix = real_path(root).rstrip("/") + "/"
     return [
         entry
         for entry in mount_table()
@@ -143,7 +165,7 @@ def daemon_pids(mountpoint: Path | str, marker: str) -> list[int]:
     ``marker`` ("unionfs", "fuse-overlayfs") must be a whole argument (``python -m unionfs``) or
     the last component of one (``/usr/bin/fuse-overlayfs``), not merely a part of a path.
     """
-    names = {str(mountpoint), os.path.realpath(mountpoint)}
+    names = {str(mountpoint), real_path(mountpoint)}
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -164,15 +186,15 @@ def find_daemons(mountpoint: Path | str, marker: str, log: Path | None = None) -
     logged = pid_from_log(log)
     if logged is not None and logged not in pids and _alive(logged):
         argv = _cmdline(logged) or []
-        if {str(mountpoint), os.path.realpath(mountpoint)}.intersection(argv):
+        if {str(mountpoint), real_path(mountpoint)}.intersection(argv):
             pids.append(logged)
     return pids
 
 
-def _stop_daemons(pids: Sequence[int]) -> list[int]:
+def _stop_daemons(pids: Sequence[int], *, wait: float = DAEMON_EXIT_TIMEOUT) -> list[int]:
     """Wait for the daemons to exit, then SIGTERM, then SIGKILL. Returns the pids killed."""
     killed: list[int] = []
-    deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
+    deadline = time.monotonic() + wait
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
             for pid in pids:
@@ -188,15 +210,62 @@ def _stop_daemons(pids: Sequence[int]) -> list[int]:
     return killed
 
 
+def run_command(
+    argv: Sequence[str],
+    *,
+    timeout: float = MOUNT_TIMEOUT,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` with stdout/stderr captured through files, not pipes.
+
+    A mount command forks its daemon, which may keep the command's stdout/stderr open: with pipes,
+    ``subprocess.run(..., timeout=...)`` would wait for that daemon forever after the timeout.
+    Raises ``subprocess.TimeoutExpired`` (with the output so far) like ``subprocess.run``.
+    """
+
+    def read(file: IO[bytes]) -> str:
+        file.seek(0)
+        return file.read().decode(errors="replace")
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            result = subprocess.run(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                timeout=timeout,
+                check=False,
+                cwd=cwd,
+                env=env,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise subprocess.TimeoutExpired(
+                error.cmd, error.timeout, output=read(out), stderr=read(err)
+            ) from None
+        return subprocess.CompletedProcess(list(argv), result.returncode, read(out), read(err))
+
+
 def _run_quiet(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=MOUNT_TIMEOUT,
-        check=False,
-    )
+    try:
+        return run_command(argv)
+    except subprocess.TimeoutExpired as error:
+        return subprocess.CompletedProcess(list(argv), -9, error.output, f"timed out: {error}")
+
+
+def abort_connection(mountpoint: Path | str) -> bool:
+    """Abort a FUSE mount's connection (root only): every request pending or to come fails with
+    ENOTCONN, which frees whatever is blocked on a hung daemon. True if it was aborted."""
+    entry = mount_entry(mountpoint)
+    if entry is None or not entry.fstype.startswith("fuse") or ":" not in entry.device:
+        return False
+    abort = Path("/sys/fs/fuse/connections") / entry.device.split(":")[1] / "abort"
+    try:
+        abort.write_text("1")
+    except OSError:
+        return False
+    return True
 
 
 def unmount_fuse(mountpoint: Path | str, *, pids: Sequence[int] = ()) -> list[str]:
@@ -212,6 +281,11 @@ def unmount_fuse(mountpoint: Path | str, *, pids: Sequence[int] = ()) -> list[st
         result = _run_quiet(["fusermount3", "-u", str(mountpoint)])
         if result.returncode == 0:
             break
+        if result.returncode == -9:
+            # fusermount3 itself hung on the mount: the daemon does not answer.
+            notes.append("fusermount3 -u timed out: the daemon hangs; aborted its connection")
+            abort_connection(mountpoint)
+            _stop_daemons(pids, wait=0.0)
         if attempt == 4:
             notes.append(f"fusermount3 -u failed: {result.stderr.strip()}")
         time.sleep(0.1 * (attempt + 1))
@@ -282,6 +356,22 @@ def fuse_mounted(
         )
     # Find the daemon now, while its argv is certain to be there.
     pids = find_daemons(mountpoint, marker, log)
+    hung = threading.Event()
+
+    def declare_hung() -> None:
+        hung.set()
+        abort_connection(mountpoint)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    watchdog = threading.Timer(watchdog_seconds, declare_hung)
+    watchdog.daemon = True
+    watchdog.start()
+    hung_note = (
+        f"the mount was still in use after {watchdog_seconds:.0f} s (a hung daemon?): the "
+        "watchdog aborted its FUSE connection and killed the daemon"
+    )
     failed = True
     try:
         yield mountpoint
@@ -290,9 +380,14 @@ def fuse_mounted(
         text = _log_text(log) if log else ""
         if "Traceback" in text:
             error.add_note(f"the daemon logged a traceback ({log}):\n{_tail(text)}")
+        if hung.is_set():
+            error.add_note(hung_note)
         raise
     finally:
+        watchdog.cancel()
         notes = unmount_fuse(mountpoint, pids=pids)
+        if not failed and hung.is_set():
+            raise AssertionError(hung_note)
         if not failed and check_log and log is not None:
             text = _log_text(log)
             if "Traceback" in text:
