@@ -1,0 +1,1 @@
+"""Differential tests: unionfs against kernel overlayfs (see backends.py, compare.py)."""
