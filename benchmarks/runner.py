@@ -245,11 +245,30 @@ class Runner:
             mounted = system.mount(
                 self.data.stack("empty"), paths[0], paths[1], paths[2], True, self.config.timeout
             )
-            names = os.listdir(mounted.root)
+            # In a child with a timeout: a hung daemon must not hang the harness.
+            listing = subprocess.run(
+                ["ls", "-A", str(mounted.root)],
+                capture_output=True,
+                text=True,
+                timeout=self.config.timeout,
+                check=False,
+            )
+            names = listing.stdout.split()
             if "dest" not in names:
                 return f"probe mount shows {sorted(names)}, not the layers"
-            (mounted.root / "dest" / "probe").write_bytes(b"probe")
+            write = subprocess.run(
+                ["cp", "/dev/null", str(mounted.root / "dest" / "probe")],
+                capture_output=True,
+                text=True,
+                timeout=self.config.timeout,
+                check=False,
+            )
+            if write.returncode != 0:
+                return f"probe write failed: {write.stderr.strip()}"
             return None
+        except subprocess.TimeoutExpired:
+            abort_fuse(paths[2])
+            return "probe mount hung"
         except (MountError, OSError) as error:
             return f"mount failed: {error}"
         finally:

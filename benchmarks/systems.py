@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,8 @@ def unionfs_python() -> str:
 
 def mount_entry(mountpoint: Path) -> tuple[str, str] | None:
     """(fstype, "major:minor") of what is mounted exactly at MOUNTPOINT, from mountinfo."""
-    target = os.path.realpath(mountpoint)
+    # abspath, not realpath: never stat anything at or below a mountpoint (it may hang).
+    target = os.path.abspath(mountpoint)
     found = None
     with open("/proc/self/mountinfo") as mountinfo:
         for line in mountinfo:
@@ -70,7 +72,7 @@ def abort_fuse(mountpoint: Path) -> None:
 
 def find_daemon(mountpoint: Path) -> int | None:
     """PID of the process whose command line names MOUNTPOINT (the FUSE daemon)."""
-    wanted = os.fsencode(os.path.realpath(mountpoint))
+    wanted = os.fsencode(os.path.abspath(mountpoint))
     own = os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == own:
@@ -88,20 +90,31 @@ def find_daemon(mountpoint: Path) -> int | None:
 def _run(
     command: list[str], timeout: float, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
+    """Run a mount command. Its output goes to files, not pipes: a daemon that forks and keeps
+    the pipes open would make waiting for end-of-file hang until the daemon exits."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            process = subprocess.run(
+                command,
+                stdout=out,
+                stderr=err,
+                timeout=timeout,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise MountError(f"{command[0]} timed out after {timeout:.0f} s") from error
+        except OSError as error:
+            raise MountError(f"{command[0]}: {error}") from error
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(
             command,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            check=False,
+            process.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
         )
-    except subprocess.TimeoutExpired as error:
-        raise MountError(f"{command[0]} timed out after {timeout:.0f} s") from error
-    except OSError as error:
-        raise MountError(f"{command[0]}: {error}") from error
 
 
 def _wait_mounted(mountpoint: Path, timeout: float) -> None:
