@@ -24,6 +24,9 @@ from pathlib import Path
 from tests.support.mounts import fuse_overlayfs_mounted, overlay_mounted, unionfs_mounted
 
 SUT_ENVIRONMENT_VARIABLE = "UNIONFS_DIFF_SUT"
+#: Kernel overlayfs serves every user; a FUSE mount only its owner unless allow_other. Operations
+#: run as an ordinary user (ops.Op.user) must reach both.
+FUSE_OPTIONS = ("allow_other",)
 #: Options of the writable kernel oracle; UNIONFS_DIFF_KERNEL_OPTIONS overrides them (comma list),
 #: e.g. "redirect_dir=on,index=on,metacopy=on" to see what another configuration makes of an upper.
 KERNEL_WRITABLE_OPTIONS = tuple(
@@ -75,13 +78,18 @@ class Backend:
                 yield path
         elif self.name == "fuse-overlayfs":
             with fuse_overlayfs_mounted(
-                lowers_base_first, mountpoint, upper=upper, workdir=workdir
+                lowers_base_first, mountpoint, upper=upper, workdir=workdir, options=FUSE_OPTIONS
             ) as path:
                 yield path
         elif self.name == "unionfs":
             log = mountpoint.with_name(mountpoint.name + ".unionfs.log")
             with unionfs_mounted(
-                lowers_base_first, mountpoint, upper=upper, workdir=workdir, log=log
+                lowers_base_first,
+                mountpoint,
+                upper=upper,
+                workdir=workdir,
+                options=FUSE_OPTIONS,
+                log=log,
             ) as path:
                 yield path
         else:

@@ -4,6 +4,9 @@ An `Op` is a plain value (printable, hashable) naming a filesystem operation on 
 the mount root. `apply(root_fd, op)` performs it and returns an `Outcome`: the errno (0 on success)
 and, for reading operations, a value (content digest, listing, stat summary).
 
+`Op.user` != 0 runs the operation in a forked child with that uid and gid (no supplementary
+groups), so permission checks are compared too.
+
 Safety: the layers contain symlinks with absolute and `../..` targets, so an operation must never
 follow a symlink out of the mount. Parent directories are walked one component at a time with
 `O_PATH|O_NOFOLLOW|O_DIRECTORY` from the mount root's fd (a symlink component gives `ENOTDIR`), and
@@ -17,9 +20,11 @@ identical on both sides and the comparison stays exact.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import os
+import pickle
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,10 +69,11 @@ class Op:
     flags: int = 0  # rename flags
     name: str = ""  # xattr name; symlink target
     times_ns: tuple[int, int] = (0, 0)
+    user: int = 0  # uid (and gid) of the calling process; 0 = root
 
     def __str__(self) -> str:
         text = self._text()
-        return text
+        return f"as {self.user}: {text}" if self.user else text
 
     def _data(self) -> str:
         if len(self.data) <= 24:
@@ -259,14 +265,46 @@ def _perform(root_fd: int, op: Op) -> object:
     raise ValueError(f"unknown op kind {kind!r}")
 
 
-def apply(root_fd: int, op: Op) -> Outcome:
-    """Perform `op` below the directory `root_fd`; the errno instead of an exception."""
-    if not op.path or (op.kind in ("rename", "link") and not op.other):
-        raise ValueError(f"op needs a non-empty path: {op}")
+def _apply_here(root_fd: int, op: Op) -> Outcome:
     try:
         return Outcome(0, _perform(root_fd, op))
     except OSError as error:
         return Outcome(error.errno or -1)
+
+
+def _apply_as(root_fd: int, op: Op) -> Outcome:
+    """Run the operation in a forked child with uid = gid = op.user and no supplementary groups."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(op.user, op.user, op.user)
+            os.setresuid(op.user, op.user, op.user)
+            os.write(write_end, pickle.dumps(_apply_here(root_fd, op)))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        raise RuntimeError(f"harness: child running {op} as {op.user} failed (status {status})")
+    outcome = pickle.loads(data)
+    assert isinstance(outcome, Outcome)
+    return outcome
+
+
+def apply(root_fd: int, op: Op) -> Outcome:
+    """Perform `op` below the directory `root_fd`; the errno instead of an exception."""
+    if not op.path or (op.kind in ("rename", "link") and not op.other):
+        raise ValueError(f"op needs a non-empty path: {op}")
+    if op.user:
+        return _apply_as(root_fd, op)
+    return _apply_here(root_fd, op)
 
 
 @contextmanager
@@ -280,6 +318,11 @@ def root_fd_of(mountpoint: os.PathLike[str] | str) -> Iterator[int]:
 
 def parse_path(text: str) -> RelPath:
     return tuple(text.split("/"))
+
+
+def as_user(uid: int, op: Op) -> Op:
+    """The same operation, run by uid (and gid) `uid` instead of root."""
+    return dataclasses.replace(op, user=uid)
 
 
 # Small constructors so scenario tables read like shell scripts.

@@ -22,6 +22,11 @@ FIFO = Node("fifo")
 PAST_NS = BASE_MTIME_NS + 77_000_000_001  # an explicit utime value (old, so compared exactly)
 
 
+def u(op: Op) -> Op:
+    """`op` run by an ordinary user, uid = gid = 1000."""
+    return o.as_user(1000, op)
+
+
 def sym(target: str) -> Node:
     return Node("symlink", mode=0o777, target=target)
 
@@ -342,6 +347,33 @@ SCENARIOS: list[Scenario] = [
         "chown clears setuid, chmod of a lower dir",
         [layer({"s": file(b"#!", mode=0o4755), "dd": DIR}), layer({})],
         [o.chown("s", 1000, 1000), o.lstat("s"), o.chmod("dd", 0o1777), o.lstat("dd")],
+    ),
+    Scenario(
+        "ordinary user: permission checks on lower files and dirs",
+        [layer({"root/f": file(b"root's", mode=0o644),
+                "mine": Node("dir", mode=0o755, uid=1000, gid=1000),
+                "mine/f": file(b"mine", mode=0o644, uid=1000, gid=1000),
+                "ro": file(b"read only", mode=0o444, uid=1000, gid=1000),
+                "tmp": Node("dir", mode=0o1777),
+                "tmp/other": file(b"x", uid=65534, gid=65534),
+                "secret": Node("dir", mode=0o700)}),
+         layer({"secret": Node("dir", mode=0o700), "secret/f": b"s"})],
+        [u(o.write("root/f", b"X")), u(o.create("root/new")), u(o.chmod("root/f", 0o777)),
+         u(o.append("mine/f", b"+")), u(o.chmod("mine/f", 0o600)), u(o.create("mine/new", b"n")),
+         u(o.write("ro", b"X")), u(o.unlink("tmp/other")), u(o.create("tmp/mine")),
+         u(o.unlink("tmp/mine")), u(o.read("secret/f")), u(o.listdir("secret")),
+         u(o.rename("mine/f", "tmp/f")), u(o.chown("mine/new", 0, 0)),
+         u(o.setxattr("mine/new", "user.x", b"1")), u(o.setxattr("root/f", "user.x", b"1"))],
+        expect={0: errno.EACCES, 1: errno.EACCES, 2: errno.EPERM, 3: 0, 4: 0, 5: 0,
+                6: errno.EACCES, 7: errno.EPERM, 8: 0, 9: 0, 10: errno.EACCES},
+    ),
+    Scenario(
+        "ordinary user: writing a set-uid file clears set-uid and set-gid",
+        [layer({"s": file(b"#!/bin/sh\n", mode=0o6775, uid=1000, gid=1000),
+                "t": file(b"#!/bin/sh\n", mode=0o6777, uid=0, gid=0)}), layer({})],
+        [u(o.append("s", b"x")), o.lstat("s"), u(o.write("t", b"y")), o.lstat("t"),
+         u(o.truncate("t", 1)), o.lstat("t")],
+        expect={0: 0, 2: 0},
     ),
     Scenario(
         "trusted.overlay.* xattrs set through the mount (kernel >= 6.7 escapes them)",

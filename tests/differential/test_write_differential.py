@@ -45,7 +45,7 @@ from tests.differential.layers import (
     stack_paths,
     stacks,
 )
-from tests.differential.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op
+from tests.differential.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, as_user
 from tests.differential.pair import Pair, lowers_unchanged, mounted_pair, round_trip
 from tests.differential.scenarios import SCENARIOS, Scenario
 from tests.support.tree import Entry, Fingerprint, Snapshot, lower_fingerprint
@@ -77,6 +77,7 @@ _UNIONFS_KNOWN: dict[str, str] = {
     "round trip: hard links survive copy-up": _HARDLINK_UPPER,
     "round trip: unlink one name of a lower hard-link pair": _HARDLINK_UPPER,
     "round trip: rename both names of a lower hard-link pair": _HARDLINK_UPPER,
+    "random operation sequences, round trip": _METACOPY,
     "round trip: trusted.overlay.* xattrs set through the mount (kernel >= 6.7 escapes them)": (
         _METACOPY
     ),
@@ -210,6 +211,13 @@ PAST_TIMES = tuple((mtime - 5, mtime + 3) for mtime in MTIMES)
 
 
 def operations(pool: list[RelPath]) -> st.SearchStrategy[Op]:
+    """Random operations, one in four run by an ordinary user (uid = gid = 1000)."""
+    return st.tuples(_root_operations(pool), st.sampled_from((0, 0, 0, 1000))).map(
+        lambda pair: as_user(pair[1], pair[0])
+    )
+
+
+def _root_operations(pool: list[RelPath]) -> st.SearchStrategy[Op]:
     fresh = paths(WRITE_NAMES, 3)
     path = st.one_of(st.sampled_from(pool), fresh) if pool else fresh
     data = st.sampled_from((b"W", b"hello\n", b"z" * 5000, b""))
@@ -325,16 +333,24 @@ class DifferentialMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.timeout(170)
+@pytest.mark.parametrize("check_round_trip", [False, True], ids=["live", "round-trip"])
 def test_random_operation_sequences(
-    request: pytest.FixtureRequest, sut: Backend, workspace: Workspace
+    request: pytest.FixtureRequest, check_round_trip: bool, sut: Backend, workspace: Workspace
 ) -> None:
-    _xfail_if_known(request, sut, "random operation sequences")
-    machine = type("Machine", (DifferentialMachine,), {"sut": sut, "workspace": workspace})
+    """Live: errno per step and trees every few steps and at the end. Round trip (fewer
+    examples): also each upper remounted by the other implementation at the end."""
+    name = "random operation sequences" + (", round trip" if check_round_trip else "")
+    _xfail_if_known(request, sut, name)
+    machine = type(
+        "Machine",
+        (DifferentialMachine,),
+        {"sut": sut, "workspace": workspace, "check_round_trip": check_round_trip},
+    )
     run_state_machine_as_test(
         machine,
         settings=settings(
             settings.get_profile("differential"),
-            max_examples=examples(20),
+            max_examples=examples(8 if check_round_trip else 20),
             stateful_step_count=int(os.environ.get("UNIONFS_DIFF_STEPS", 20)),
         ),
     )
