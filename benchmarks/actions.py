@@ -52,7 +52,48 @@ def append_byte(path: str) -> float:
     return time.perf_counter() - started
 
 
-ACTIONS = {"stat-all": stat_all, "walk": walk, "read": read_file, "append-byte": append_byte}
+def check(root: str, *specs: str) -> float:
+    """Verify a workload's result (untimed): exists:REL, absent:REL, modebits:REL:OCTAL,
+    uid:REL:N, size:REL:N. Exits 1 naming the first spec that does not hold."""
+    for spec in specs:
+        kind, relative, *argument = spec.split(":")
+        path = os.path.join(root, relative)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if kind == "absent":
+            good = st is None
+        elif st is None:
+            good = False
+        elif kind == "exists":
+            good = True
+        elif kind == "modebits":
+            good = st.st_mode & int(argument[0], 8) == int(argument[0], 8)
+        elif kind == "uid":
+            good = st.st_uid == int(argument[0])
+        elif kind == "size":
+            good = st.st_size == int(argument[0])
+        else:
+            raise SystemExit(f"unknown check {spec}")
+        if not good:
+            found = (
+                "missing"
+                if st is None
+                else f"mode {st.st_mode:o} uid {st.st_uid} size {st.st_size}"
+            )
+            print(f"check failed: {spec} ({found})", file=sys.stderr)
+            raise SystemExit(1)
+    return 0.0
+
+
+ACTIONS = {
+    "stat-all": stat_all,
+    "walk": walk,
+    "read": read_file,
+    "append-byte": append_byte,
+    "check": check,
+}
 
 
 def main(arguments: list[str]) -> int:

@@ -35,7 +35,7 @@ from benchmarks.systems import (
     is_mounted,
     unionfs_python,
 )
-from benchmarks.workloads import Context, Workload, WorkloadError, WorkloadTimeout
+from benchmarks.workloads import Context, Workload, WorkloadError, WorkloadTimeout, verify
 
 SCRATCH_ROOT = Path("/tmp/unionfs-bench")
 MOUNT_TIMEOUT = 60.0
@@ -359,6 +359,8 @@ class Runner:
             cpu_after = daemon_cpu_seconds(mounted.pid)
             if cpu_before is not None and cpu_after is not None:
                 self.cpu_sample = cpu_after - cpu_before
+            if workload.verify is not None:
+                verify(context, workload.verify(context))
             if mounted.log is not None and mounted.log.exists():
                 text = mounted.log.read_text(errors="replace")
                 if "Traceback" in text:

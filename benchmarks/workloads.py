@@ -52,6 +52,7 @@ class Workload:
     stack: str
     run: Callable[[Context], list[float]]
     prepare: Callable[[Context], None] | None = None
+    verify: Callable[[Context], list[str]] | None = None
     cold: bool = False
     writable: bool = False
     upperfs: str = "tmpfs"
@@ -118,6 +119,55 @@ def action(context: Context, name: str, *arguments: str | Path) -> float:
         cwd=REPO,
     )
     return float(output.strip().splitlines()[-1])
+
+
+def verify(context: Context, specs: list[str]) -> None:
+    """Untimed check that the workload did what it claims (a fast wrong answer is no win)."""
+    _run(
+        context,
+        [sys.executable, "-m", "benchmarks.actions", "check", str(context.root), *specs],
+        cwd=REPO,
+    )
+
+
+def _tree_samples(context: Context) -> list[str]:
+    """A few files of the tree, spread over it (relative paths)."""
+    with open(context.dataset.tree_paths) as handle:
+        files = [line.strip() for line in handle if line.strip().endswith(".txt")]
+    step = max(1, len(files) // 5)
+    return files[::step][:5]
+
+
+def _check_rename(context: Context) -> list[str]:
+    moved = [f"exists:t-renamed/{path[len('t/') :]}" for path in _tree_samples(context)]
+    return ["absent:t", *moved]
+
+
+def _check_chmod(context: Context) -> list[str]:
+    return [f"modebits:{path}:020" for path in _tree_samples(context)]
+
+
+def _check_chown(context: Context) -> list[str]:
+    return [f"uid:{path}:1234" for path in _tree_samples(context)]
+
+
+def _check_removed(context: Context) -> list[str]:
+    return ["absent:t"]
+
+
+def _check_size(name: str, size: Callable[[Dataset], int]) -> Callable[[Context], list[str]]:
+    def check(context: Context) -> list[str]:
+        return [f"size:{name}:{size(context.dataset) + 1}"]
+
+    return check
+
+
+def _check_untar(context: Context) -> list[str]:
+    last = context.dataset.scale.tar_files - 1
+    return [
+        "exists:dest/src/p00/file00000.py",
+        f"exists:dest/src/p{last % 50:02d}/file{last:05d}.py",
+    ]
 
 
 def quiet(command: list[str]) -> Callable[[Context], list[float]]:
@@ -333,6 +383,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
             "midfile",
             _append_mid,
             writable=True,
+            verify=_check_size("mid.bin", lambda data: data.scale.mid_file),
             group="copyup",
         ),
         Workload(
@@ -341,6 +392,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
             "midfile",
             _append_mid,
             writable=True,
+            verify=_check_size("mid.bin", lambda data: data.scale.mid_file),
             upperfs="ext4",
             group="copyup",
         ),
@@ -350,6 +402,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
             "empty",
             _untar,
             writable=True,
+            verify=_check_untar,
             prepare=_warm_tarball,
             group="write",
         ),
@@ -359,6 +412,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
             "empty",
             _untar,
             writable=True,
+            verify=_check_untar,
             upperfs="ext4",
             prepare=_warm_tarball,
             group="write",
@@ -387,6 +441,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
             tree,
             quiet(["chmod", "-R", "g+w", "{root}/t"]),
             writable=True,
+            verify=_check_chmod,
             rootless=True,
             group="meta",
         ),
@@ -396,6 +451,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
             tree,
             quiet(["chown", "-R", "1234:1234", "{root}/t"]),
             writable=True,
+            verify=_check_chown,
             rootless=True,
             requires=("root",),
             group="meta",
@@ -406,6 +462,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
             tree,
             quiet(["rm", "-rf", "{root}/t"]),
             writable=True,
+            verify=_check_removed,
             rootless=True,
             group="meta",
         ),
@@ -415,6 +472,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
             tree,
             quiet(["mv", "{root}/t", "{root}/t-renamed"]),
             writable=True,
+            verify=_check_rename,
             rootless=True,
             group="meta",
         ),
@@ -424,6 +482,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
             "sparse",
             _append_sparse,
             writable=True,
+            verify=_check_size("sparse.img", lambda data: data.scale.sparse_size),
             rootless=True,
             group="meta",
         ),
