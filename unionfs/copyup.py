@@ -200,7 +200,7 @@ class CopyUp:
         )
         node.lower_links_consumed += 1
         node.links[(parent, name)] = True
-        self.upper.forget_dir(merged_path(parent))
+        self.upper.note_entry(merged_path(parent), name, node.kind)
 
     async def _complete_metacopy(self, node: Node, *, empty: bool) -> None:
         """Give a metadata-only upper file its data (or none, before a truncate to zero)."""
@@ -238,7 +238,7 @@ class CopyUp:
         self.tree.inodes.alias((st.st_dev, st.st_ino), node)
         node.in_upper = True
         node.links[(parent, name)] = True
-        self.upper.forget_dir(merged_path(parent))
+        self.upper.note_entry(merged_path(parent), name, node.kind)
 
     async def _write_regular(
         self,

@@ -1,8 +1,9 @@
 """One layer: a directory tree behind a root fd, read-only (lower) or writable (upper).
 
 A layer caches open directory fds (LRU, bounded) and per-directory listings. Lower layers
-are immutable, so their listings are kept until evicted; the upper layer's listings are
-dropped by the mutation code whenever it changes a directory (``forget_dir``).
+are immutable, so their listings are kept until evicted; the mutation code keeps the upper
+layer's cached listings exact as it changes them (``note_entry``/``note_whiteout``), and drops
+whole subtrees when directories move (``forget_dir``), so a busy directory is never rescanned.
 Paths are ``RelPath`` tuples of single components, walked one ``openat`` at a time with
 ``O_NOFOLLOW`` (see safeio), so a symlink inside a layer can never lead outside it.
 """
@@ -20,6 +21,7 @@ from unionfs.safeio import RelPath
 
 MAX_CACHED_FDS = 256
 MAX_CACHED_LISTINGS = 4096
+MAX_CACHED_STATS = 65536  # lower layers only: their attributes never change
 
 
 @dataclass(slots=True)
@@ -41,6 +43,7 @@ class Layer:
         self.device = os.fstat(self.root_fd).st_dev
         self._fds: OrderedDict[RelPath, int] = OrderedDict()
         self._listings: OrderedDict[RelPath, Listing] = OrderedDict()
+        self._stats: OrderedDict[RelPath, os.stat_result] = OrderedDict()
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -77,11 +80,39 @@ class Layer:
                 if isinstance(value, int):
                     os.close(value)
 
+    def note_entry(self, path: RelPath, name: bytes, kind: int | None) -> None:
+        """Directory ``path`` now holds ``name`` of type ``kind`` (None: nothing), no whiteout."""
+        listing = self._listings.get(path)
+        if listing is None:
+            return
+        if kind is None:
+            listing.entries.pop(name, None)
+        else:
+            listing.entries[name] = kind
+        listing.whiteouts.discard(name)
+
+    def note_whiteout(self, path: RelPath, name: bytes) -> None:
+        """Directory ``path`` now holds a whiteout for ``name`` (in either format)."""
+        listing = self._listings.get(path)
+        if listing is None:
+            return
+        listing.entries.pop(name, None)
+        listing.whiteouts.add(name)
+
     # entries -------------------------------------------------------------------------
     def lstat(self, path: RelPath) -> os.stat_result:
         if not path:
             return os.fstat(self.root_fd)
-        return safeio.lstat(self.dir_fd(path[:-1]), path[-1])
+        if self.writable:
+            return safeio.lstat(self.dir_fd(path[:-1]), path[-1])
+        cached = self._stats.get(path)
+        if cached is not None:
+            return cached
+        st = safeio.lstat(self.dir_fd(path[:-1]), path[-1])
+        self._stats[path] = st
+        if len(self._stats) > MAX_CACHED_STATS:
+            self._stats.popitem(last=False)
+        return st
 
     def try_lstat(self, path: RelPath) -> os.stat_result | None:
         try:

@@ -20,6 +20,7 @@ from unionfs import safeio, whiteout
 from unionfs.copyup import FULL, METADATA, CopyUp
 from unionfs.inodes import Node, link_path, merged_path
 from unionfs.layer import Layer
+from unionfs.safeio import RelPath
 from unionfs.stack import Resolved
 from unionfs.tree import MergedTree
 from unionfs.workdir import WorkDir
@@ -53,8 +54,12 @@ class Mutations:
         self.copyup.ensure_dir(node)
         return self.upper.dir_fd(merged_path(node))
 
-    def _changed(self, parent: Node) -> None:
-        self.upper.forget_dir(merged_path(parent))
+    def _note_removal(self, parent: Node, name: bytes, *, whiteout_left: bool) -> None:
+        """Keep the cached upper listing of ``parent`` exact after ``name`` went away."""
+        if whiteout_left:
+            self.upper.note_whiteout(merged_path(parent), name)
+        else:
+            self.upper.note_entry(merged_path(parent), name, None)
 
     def _upper_whiteout_at(self, parent: Node, name: bytes) -> bool:
         """Is there a whiteout for ``name`` in the upper copy of ``parent``?"""
@@ -102,9 +107,10 @@ class Mutations:
         finally:
             os.close(child_fd)
 
-    def _place(self, parent: Node, name: bytes, make: Maker, *, is_dir: bool) -> int:
-        """Create a new object at ``name`` in the upper copy of ``parent``, replacing a
-        whiteout atomically; returns the upper parent fd."""
+    def _place(self, parent: Node, name: bytes, make: Maker, *, kind: int) -> int:
+        """Create a new object (of type ``kind``) at ``name`` in the upper copy of ``parent``,
+        replacing a whiteout atomically; returns the upper parent fd."""
+        is_dir = kind == stat.S_IFDIR
         parent_fd = self._upper_dir(parent)
         replacing = self._upper_whiteout_at(parent, name)
         device_whiteout = False
@@ -128,7 +134,7 @@ class Mutations:
                 if is_dir:
                     self._mark_opaque(parent_fd, name)
                 self._remove_oci_whiteout(parent_fd, name)
-        self._changed(parent)
+        self.upper.note_entry(merged_path(parent), name, kind)
         return parent_fd
 
     def _chown_new(self, dir_fd: int, name: bytes, parent_fd: int, uid: int, gid: int) -> None:
@@ -167,7 +173,7 @@ class Mutations:
             self._chown_new_fd(fd, dir_fd, uid, gid)
 
         try:
-            self._place(parent, name, make, is_dir=False)
+            self._place(parent, name, make, kind=stat.S_IFREG)
             node, st = self._adopt_new(parent, name)
         except BaseException:
             for fd in opened:
@@ -194,7 +200,7 @@ class Mutations:
             os.mkdir(target, stat.S_IMODE(mode), dir_fd=dir_fd)
             self._chown_new(dir_fd, target, dir_fd, uid, gid)
 
-        self._place(parent, name, make, is_dir=True)
+        self._place(parent, name, make, kind=stat.S_IFDIR)
         return self._adopt_new(parent, name)
 
     def mknod(
@@ -206,7 +212,7 @@ class Mutations:
             os.mknod(target, mode, rdev, dir_fd=dir_fd)
             self._chown_new(dir_fd, target, dir_fd, uid, gid)
 
-        self._place(parent, name, make, is_dir=False)
+        self._place(parent, name, make, kind=stat.S_IFMT(mode))
         return self._adopt_new(parent, name)
 
     def symlink(
@@ -218,7 +224,7 @@ class Mutations:
             os.symlink(target, link_name, dir_fd=dir_fd)
             self._chown_new(dir_fd, link_name, dir_fd, uid, gid)
 
-        self._place(parent, name, make, is_dir=False)
+        self._place(parent, name, make, kind=stat.S_IFLNK)
         return self._adopt_new(parent, name)
 
     async def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
@@ -238,7 +244,7 @@ class Mutations:
                 follow_symlinks=False,
             )
 
-        self._place(parent, name, make, is_dir=False)
+        self._place(parent, name, make, kind=node.kind)
         node.links[(parent, name)] = True
         return node, self.tree.stat(node)
 
@@ -255,6 +261,7 @@ class Mutations:
         if node.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory")
         parent_fd = self._upper_dir(parent)
+        left_whiteout = resolved.has_lower or not resolved.in_upper
         if resolved.in_upper:
             upper_st = safeio.lstat(parent_fd, name)
             if resolved.has_lower:
@@ -273,7 +280,7 @@ class Mutations:
         node.links.pop((parent, name), None)
         if not node.links and not node.in_upper:
             node.lower = [] if node.lower_links_consumed >= node.lower_nlink else node.lower
-        self._changed(parent)
+        self._note_removal(parent, name, whiteout_left=left_whiteout)
         return node
 
     def _replace_with_whiteout(self, parent_fd: int, name: bytes, *, is_dir: bool) -> None:
@@ -311,18 +318,30 @@ class Mutations:
             if resolved.has_lower:
                 self._replace_with_whiteout(parent_fd, name, is_dir=True)
             else:
-                temp = self.work.temp_name()
-                safeio.renameat2(parent_fd, name, self.work.fd, temp)
-                safeio.remove_tree(self.work.fd, temp)
+                self._remove_upper_dir(parent_fd, name)
             self.tree.inodes.drop_key((upper_st.st_dev, upper_st.st_ino), node)
         else:
             self._make_whiteout(parent_fd, name)
-        self.upper.forget_dir(path, subtree=True)
+        # Empty in the merged view: below it the upper holds whiteouts at most, no directories.
+        self.upper.forget_dir(path)
         node.links.clear()
         node.in_upper = False
         node.lower = []
-        self._changed(parent)
+        self._note_removal(parent, name, whiteout_left=resolved.has_lower or not resolved.in_upper)
         return node
+
+    def _remove_upper_dir(self, parent_fd: int, name: bytes) -> None:
+        """Remove an upper directory that is empty in the merged view (it may still hold
+        whiteouts): at once when it is empty on disk, else hidden first, then cleaned."""
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
+            return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        temp = self.work.temp_name()
+        safeio.renameat2(parent_fd, name, self.work.fd, temp)
+        safeio.remove_tree(self.work.fd, temp)
 
     # rename --------------------------------------------------------------------------
     async def rename(
@@ -366,10 +385,9 @@ class Mutations:
             safeio.renameat2(old_fd, old_name, new_fd, new_name, safeio.RENAME_EXCHANGE)
             self._relink(source, old_parent, old_name, new_parent, new_name)
             self._relink(target, new_parent, new_name, old_parent, old_name)
-            self.upper.forget_dir(old_path, subtree=True)
-            self.upper.forget_dir(new_path, subtree=True)
-            self._changed(old_parent)
-            self._changed(new_parent)
+            self._forget_moved(old_path, new_path, moved_dirs=source.is_dir or target.is_dir)
+            self.upper.note_entry(merged_path(old_parent), old_name, target.kind)
+            self.upper.note_entry(merged_path(new_parent), new_name, source.kind)
             return None
 
         self._prepare_moved_dir(source, new_parent, new_name, old_fd, old_name)
@@ -407,11 +425,18 @@ class Mutations:
             if target.is_dir or not any(target.links.values()):
                 target.in_upper = False
         self._relink(source, old_parent, old_name, new_parent, new_name)
-        self.upper.forget_dir(old_path, subtree=True)
-        self.upper.forget_dir(new_path, subtree=True)
-        self._changed(old_parent)
-        self._changed(new_parent)
+        self._forget_moved(
+            old_path, new_path, moved_dirs=source.is_dir or (target is not None and target.is_dir)
+        )
+        self._note_removal(old_parent, old_name, whiteout_left=source_resolved.has_lower)
+        self.upper.note_entry(merged_path(new_parent), new_name, source.kind)
         return target
+
+    def _forget_moved(self, old_path: RelPath, new_path: RelPath, *, moved_dirs: bool) -> None:
+        """Cached upper fds and listings below moved directories name the wrong paths now."""
+        if moved_dirs:
+            self.upper.forget_dir(old_path, subtree=True)
+            self.upper.forget_dir(new_path, subtree=True)
 
     def _rename_leaving_whiteout(
         self, old_fd: int, old_name: bytes, new_fd: int, new_name: bytes
