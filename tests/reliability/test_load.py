@@ -44,7 +44,7 @@ def test_random_read_write_truncate_against_models(
                 models.append(FileModel(path, b""))
             per_thread.append(models)
         workers = [
-            threading.Thread(target=exercise, args=(models, 15.0, seed, result, lock))
+            threading.Thread(target=exercise, args=(models, 10.0, seed, result, lock))
             for seed, models in enumerate(per_thread)
         ]
         for worker in workers:
@@ -81,7 +81,7 @@ def _make_tree(root: Path, files: int) -> None:
 @pytest.mark.timeout(180)
 def test_parallel_tar_extraction(tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path) -> None:
     source = tmp_path / "source"
-    _make_tree(source, 1500)
+    _make_tree(source, 800)
     archive = tmp_path / "tree.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(source, arcname=".")
@@ -108,7 +108,7 @@ def test_parallel_tar_extraction(tmp_layers: TmpLayers, mountpoint: Path, tmp_pa
                 check=False,
             )
             assert diff.returncode == 0, diff.stdout[:2000]
-    FIGURES["tar files extracted"] = 4 * 1500
+    FIGURES["tar files extracted"] = 4 * 800
 
 
 @pytest.mark.root
@@ -137,7 +137,7 @@ def test_stress_ng_file_stressors(tmp_layers: TmpLayers, mountpoint: Path, tmp_p
                 "--rename",
                 "1",
                 "--timeout",
-                "15s",
+                "10s",
                 "--metrics-brief",
                 "--verify",
             ],
@@ -181,7 +181,7 @@ def test_twenty_mounts_share_lower_layers(tmp_layers: TmpLayers, tmp_path: Path)
 
         def work(index: int, mnt: Path) -> None:
             try:
-                for round_ in range(20):
+                for round_ in range(10):
                     (mnt / "shared").write_text(f"mount {index} round {round_}\n")
                     (mnt / f"own{round_ % 3}").write_text(f"{index}\n")
                     with open(mnt / "big", "r+b") as file:
@@ -201,7 +201,7 @@ def test_twenty_mounts_share_lower_layers(tmp_layers: TmpLayers, tmp_path: Path)
             worker.join()
         assert not errors, errors
         for index, mnt in enumerate(mounts):
-            assert (mnt / "shared").read_text() == f"mount {index} round 19\n"
+            assert (mnt / "shared").read_text() == f"mount {index} round 9\n"
             data = (mnt / "big").read_bytes()
             assert data[index : index + 1] == b"!" and data.count(b"!") <= big.count(b"!") + 1
     assert (base / "shared").read_text() == "base\n"
