@@ -354,3 +354,49 @@ def test_copy_up_never_widens_permissions(
             st = os.stat(upper / "dir" / name)
             assert stat.S_IMODE(st.st_mode) & ~widest == 0, (name, oct(st.st_mode))
         assert stat.S_IMODE(os.stat(upper / "dir").st_mode) == 0o750
+
+
+def test_layer_directory_made_unreadable_while_mounted(
+    users: tuple[pwd.struct_passwd, pwd.struct_passwd], fuse_for_all: None, shared_dir: Path
+) -> None:
+    """chmod 000 on a lower directory under a user's live mount: errors (or answers the
+    kernel still caches), never a crash or a hang; chmod back and it works again."""
+    user, _other = users
+    lower = shared_dir / "lower"
+    (lower / "dir" / "sub").mkdir(parents=True)
+    for index in range(20):
+        (lower / "dir" / f"f{index}").write_text(f"{index}\n")
+    (lower / "keep").write_text("keep\n")
+    for path in [lower, lower / "dir", lower / "dir" / "sub"]:
+        os.chmod(path, 0o755)
+    upper, workdir, mnt = shared_dir / "upper", shared_dir / "work", shared_dir / "mnt"
+    for path in (upper, workdir, mnt):
+        path.mkdir()
+        os.chown(path, user.pw_uid, user.pw_gid)
+    script = (
+        "import os, sys, json\nd = sys.argv[1]\nout = []\n"
+        "for action in (lambda: os.listdir(d), lambda: open(os.path.join(d, 'f1')).read(),"
+        " lambda: open(os.path.join(d, 'f19')).read(),"
+        " lambda: open(os.path.join(d, 'new'), 'w').close(),"
+        " lambda: os.rename(os.path.join(d, 'f2'), os.path.join(d, 'g2')),"
+        " lambda: os.listdir(os.path.join(d, 'sub'))):\n"
+        "    try:\n        action()\n        out.append(0)\n"
+        "    except OSError as error:\n        out.append(error.errno)\n"
+        "print(json.dumps(out))\n"
+    )
+    with user_mount(user, [lower], mnt, upper=upper, workdir=workdir) as pid:
+        assert run_as(user, "import os,sys; print(os.listdir(sys.argv[1]))", str(mnt / "dir"))
+        os.chmod(lower / "dir", 0)
+        try:
+            result = run_as(user, script, str(mnt / "dir")).stdout.strip()
+            codes = [int(code) for code in result.strip("[]").split(",")]
+            assert set(codes) <= {0, errno.EACCES, errno.ENOENT, errno.EIO}, codes
+            assert Path(f"/proc/{pid}").exists(), "the daemon died"
+            listing = run_as(
+                user, "import os,sys; print(sorted(os.listdir(sys.argv[1])))", str(mnt)
+            )
+            assert "keep" in listing.stdout
+        finally:
+            os.chmod(lower / "dir", 0o755)
+        result = run_as(user, script, str(mnt / "dir")).stdout.strip()
+        assert Path(f"/proc/{pid}").exists()
