@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import mounts as mount_helpers
 from tests.support.mounts import pid_from_log, unionfs_mounted
 
 
@@ -196,6 +197,8 @@ def soak(
     log = base / "daemon.log"
     problems: list[str] = []
     samples: list[Sample] = []
+    # The helpers' watchdog declares a mount held longer than a test's timeout hung.
+    mount_helpers.watchdog_seconds = max(mount_helpers.watchdog_seconds, duration + 300)
     with unionfs_mounted([lower], mnt, upper=upper, workdir=workdir, log=log):
         pid = pid_from_log(log)
         assert pid is not None
