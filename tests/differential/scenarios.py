@@ -308,6 +308,12 @@ SCENARIOS: list[Scenario] = [
         expect={0: 0, 1: 0},
     ),
     Scenario(
+        "chmod through one name of a lower hard-link pair, then unlink the other name",
+        [layer({"a": file(b"lower", mode=0o755), "c/b": hard("a")})],
+        [o.lstat("a"), o.chmod("c/b", 0o600), o.unlink("a")],
+        expect={1: 0, 2: 0},
+    ),
+    Scenario(
         "unlink one name of a lower hard-link pair",
         TWO_LAYER_TREE,
         [o.unlink("hl/two"), o.lstat("hl/one"), o.write("hl/one", b"z")],
