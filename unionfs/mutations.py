@@ -256,10 +256,12 @@ class Mutations:
         node, _ = self.tree.adopt(parent, name, resolved)
         return resolved, node
 
-    def unlink(self, parent: Node, name: bytes) -> Node:
+    async def unlink(self, parent: Node, name: bytes) -> Node:
         resolved, node = self._resolve_existing(parent, name)
         if node.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if resolved.in_upper:
+            await self._keep_upper_for_other_names(node, (parent, name))
         parent_fd = self._upper_dir(parent)
         left_whiteout = resolved.has_lower or not resolved.in_upper
         if resolved.in_upper:
@@ -282,6 +284,16 @@ class Mutations:
             node.lower = [] if node.lower_links_consumed >= node.lower_nlink else node.lower
         self._note_removal(parent, name, whiteout_left=left_whiteout)
         return node
+
+    async def _keep_upper_for_other_names(self, node: Node, going: tuple[Node, bytes]) -> None:
+        """Before the last upper name of a hard-linked file goes, link the upper object to one
+        of its still-lower names: a copy-up made through one name must not be lost when that
+        name is removed while another (known) name still shows the file."""
+        others_up = [link for link, up in node.links.items() if up and link != going]
+        others_down = [link for link, up in node.links.items() if not up and link != going]
+        if others_up or not others_down:
+            return
+        await self.copyup.ensure_file(node, data=METADATA, via=others_down[0])
 
     def _replace_with_whiteout(self, parent_fd: int, name: bytes, *, is_dir: bool) -> None:
         """Atomically turn an upper entry into a whiteout (the old object is removed)."""

@@ -394,7 +394,7 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         writer = self._writer()
         async with self.lock:
-            writer.unlink(self._node(parent_inode), name)
+            await writer.unlink(self._node(parent_inode), name)
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

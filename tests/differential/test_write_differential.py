@@ -71,9 +71,6 @@ _HARDLINK_METACOPY_UNLINK = (
     "lower mode 0755 (the metadata copy-up is lost), kernel 0600"
 )
 _UNIONFS_KNOWN: dict[str, str] = {
-    "chmod through one name of a lower hard-link pair, then unlink the other name": (
-        _HARDLINK_METACOPY_UNLINK
-    ),
     "round trip: chmod through one name of a lower hard-link pair, then unlink the other name": (
         _HARDLINK_METACOPY_UNLINK
     ),
