@@ -33,6 +33,7 @@ class MountConfig:
     squash_gid: int | None = None
     fsync: bool = True
     redirect_dir: bool = True
+    writeback: bool = True  # kernel write-back cache (errors such as ENOSPC surface at close)
     metacopy: bool = True  # chmod/chown/utimes/xattrs/rename copy metadata only
     warnings: list[str] = field(default_factory=list)
 

@@ -70,15 +70,17 @@ COPY_LIMITER = trio.CapacityLimiter(2)
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
-    # The kernel caches writes and sends them in big batches; it then owns O_APPEND, size and
-    # mtime, and may read through a write-only handle, so upper files are opened O_RDWR
-    # without O_APPEND.
+    # With the write-back cache (default; -o writeback=0 turns it off) the kernel batches
+    # writes and owns O_APPEND, size and mtime, and may read through a write-only handle:
+    # upper files are opened O_RDWR without O_APPEND either way. Without it, O_APPEND is
+    # the kernel's job too (it sends the end-of-file offset).
     enable_writeback_cache = True
 
     def __init__(self, tree: MergedTree, config: MountConfig, work: WorkDir | None) -> None:
         super().__init__()
         self.tree = tree
         self.config = config
+        self.enable_writeback_cache = config.writeback  # read by pyfuse3 at INIT
         self.timeout = config.timeout
         self.handles = HandleTable()
         self.lock = trio.Lock()

@@ -146,6 +146,8 @@ def apply_options(config: MountConfig, options: list[str]) -> None:
             config.fsync = value != "0"
         elif key == "redirect_dir" and has_value:
             config.redirect_dir = value not in ("off", "nofollow")
+        elif key == "writeback" and has_value:
+            config.writeback = value not in ("0", "off", "no")
         elif key == "metacopy" and has_value:
             config.metacopy = value == "on"
         elif key == "timeout" and has_value:
