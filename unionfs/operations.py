@@ -108,6 +108,9 @@ class Operations(pyfuse3.Operations):
         if st is None:
             st = self.tree.stat(node)
         attributes = entry_attributes(st, node.ino, self.tree.nlink(node, st), self.timeout)
+        if node.metacopy and node.lower:
+            data = node.lower[0]  # the upper copy is all hole: show the data's allocation
+            attributes.st_blocks = data.layer.lstat(data.path).st_blocks
         if not self.ids.identity:
             attributes.st_uid, attributes.st_gid = self.ids.shown(st.st_uid, st.st_gid)
         return attributes
