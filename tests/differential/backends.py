@@ -7,6 +7,7 @@
 * `fuse-overlayfs`: the reference FUSE implementation (used to prove the harness before unionfs
   could mount; it has known differences from the kernel, e.g. hard links on copy-up)
 * `kernel`: kernel overlayfs against itself (a sanity check of the harness: must always pass)
+* `unionfs-oci`: unionfs with `--whiteout-format oci` (live comparisons only)
 
 Every `mounted()` is a context manager that unmounts on exit, even when the body fails.
 """
@@ -81,14 +82,16 @@ class Backend:
                 lowers_base_first, mountpoint, upper=upper, workdir=workdir, options=FUSE_OPTIONS
             ) as path:
                 yield path
-        elif self.name == "unionfs":
+        elif self.name in ("unionfs", "unionfs-oci"):
             log = mountpoint.with_name(mountpoint.name + ".unionfs.log")
+            extra = ["--whiteout-format", "oci"] if self.name == "unionfs-oci" else []
             with unionfs_mounted(
                 lowers_base_first,
                 mountpoint,
                 upper=upper,
                 workdir=workdir,
                 options=FUSE_OPTIONS,
+                extra_args=extra,
                 log=log,
             ) as path:
                 yield path
@@ -108,6 +111,9 @@ BACKENDS = {
     "kernel": ORACLE,
     "fuse-overlayfs": Backend("fuse-overlayfs", reads_oci_whiteouts=True),
     "unionfs": Backend("unionfs", reads_oci_whiteouts=True),
+    # unionfs writing `.wh.` whiteouts in its upper: the live view must not change (kernel
+    # overlayfs cannot read such an upper, so round trips do not apply)
+    "unionfs-oci": Backend("unionfs-oci", reads_oci_whiteouts=True),
 }
 
 
