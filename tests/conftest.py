@@ -26,7 +26,13 @@ from pathlib import Path
 import pytest
 
 from tests.support import LayerSpec, TmpLayers, mounts, run_as, write_layer
-from tests.support.mounts import is_mounted, mounts_under, overlay_available, unmount_fuse
+from tests.support.mounts import (
+    daemon_pids,
+    is_mounted,
+    mounts_under,
+    overlay_available,
+    unmount_fuse,
+)
 
 # pytest deletes old temporary directories with shutil.rmtree, which recurses once per level:
 # a test that builds a tree deeper than the default limit (1000) would crash a later session.
@@ -149,9 +155,15 @@ def _no_mounts_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         return
     for entry in sorted(left, key=lambda e: len(e.mountpoint), reverse=True):
         if entry.fstype.startswith("fuse"):
-            unmount_fuse(entry.mountpoint)
+            pids = [
+                pid
+                for program in ("unionfs", "fuse-overlayfs")
+                for pid in daemon_pids(entry.mountpoint, program)
+            ]
+            with contextlib.suppress(AssertionError):
+                unmount_fuse(entry.mountpoint, pids=pids)
         else:
-            os.system(f"umount -l '{entry.mountpoint}' 2>/dev/null")
+            subprocess.run(["umount", "-l", entry.mountpoint], check=False, capture_output=True)
     pytest.fail(
         "mounts left behind by tests (now removed): "
         + ", ".join(f"{e.mountpoint} ({e.fstype})" for e in left),
