@@ -3,6 +3,8 @@ the system under test give the same errno per operation and the same tree.
 
 * `test_scenario`: the named scripts of `scenarios.py` (copy-up, whiteouts, opaque dirs, renames of
   lower dirs, hard links across copy-up, RENAME_NOREPLACE/EXCHANGE, ...);
+* `test_scenario_with_oci_whiteouts_in_the_upper`: the same scripts on unionfs writing `.wh.`
+  whiteouts (`--whiteout-format=oci`): the live view must not change;
 * `test_scenario_round_trip`: after unmounting, kernel overlayfs over the upper the system under
   test wrote shows the same tree, and the system under test over the kernel's upper shows the
   kernel's tree;
@@ -27,7 +29,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
-from tests.differential.backends import Backend
+from tests.differential.backends import BACKENDS, Backend
 from tests.differential.compare import compare_views
 from tests.differential.conftest import Workspace, examples
 from tests.differential.layers import (
@@ -93,6 +95,7 @@ KNOWN_FAILURES: dict[str, dict[str, str]] = {
     "unionfs": _UNIONFS_KNOWN,
     "kernel": {},
     "fuse-overlayfs": {},
+    "unionfs-oci": {},
 }
 
 
@@ -171,6 +174,23 @@ def test_scenario(
     run = run_live(sut, scenario, tmp_path)
     live_runs[scenario.name] = run
     _report(sut, scenario, run, run.problems)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_scenario_with_oci_whiteouts_in_the_upper(
+    request: pytest.FixtureRequest, scenario: Scenario, sut: Backend, tmp_path: Path
+) -> None:
+    """unionfs --whiteout-format=oci must show exactly the same (live) view."""
+    if sut.name != "unionfs":
+        pytest.skip("only for unionfs (the SUT with an OCI-format upper)")
+    oci = BACKENDS["unionfs-oci"]
+    _xfail_if_known(request, oci, scenario.name)
+    run = run_live(oci, scenario, tmp_path)
+    try:
+        _report(oci, scenario, run, run.problems)
+    finally:
+        remove_tree(run.base)
 
 
 @pytest.mark.timeout(60)
@@ -357,7 +377,7 @@ def test_random_operation_sequences(
         machine,
         settings=settings(
             settings.get_profile("differential"),
-            max_examples=examples(8 if check_round_trip else 20),
+            max_examples=examples(8 if check_round_trip else 16),
             stateful_step_count=int(os.environ.get("UNIONFS_DIFF_STEPS", 20)),
         ),
     )
