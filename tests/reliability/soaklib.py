@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for problem in problems:
         print("PROBLEM:", problem)
-    return 1 if problems or final > baseline + 2 else 0
+    return 1 if problems or final > baseline + args.threads + 4 else 0
 
 
 if __name__ == "__main__":

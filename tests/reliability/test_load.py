@@ -216,7 +216,8 @@ def test_one_minute_soak_flat_rss_and_fds(tmp_path: Path) -> None:
     assert not problems, problems
     for sample in samples:
         print(sample)
-    assert final <= baseline + 2, f"fds: {baseline} at start, {final} after every file closed"
+    # Cached directory fds of the workers' directories may stay (the cache is bounded).
+    assert final <= baseline + 3 + 4, f"fds: {baseline} at start, {final} after all closed"
     settled = samples[len(samples) // 4]
     last = samples[-1]
     growth = last.rss_kib - settled.rss_kib
