@@ -199,7 +199,9 @@ def choose(model: Model, rng: random.Random, counter: Iterator[int], seed: int) 
         parent = rng.choice(parents)
         tmp = (parent + "/" if parent else "") + f"t{seed}_{number}"
         tag = f"N{seed}_{number}:{rng.choice(NEW_SIZES)}"
-        return {"op": "write_tmp", "path": tmp, "tag": tag}
+        # Half fsync before close; the others rely on close() flushing the kernel's write-back
+        # cache to the daemon: both must survive a kill once done.
+        return {"op": "write_tmp", "path": tmp, "tag": tag, "sync": rng.random() < 0.5}
     tmps = [p for p, e in model.items() if e["t"] == "f" and p.split("/")[-1].startswith("t")]
     if tmps and roll < 0.55:
         src = rng.choice(tmps)
@@ -264,7 +266,8 @@ def perform(mountpoint: Path, op: dict[str, Any]) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view[: 1 << 20]) :]
-            os.fsync(fd)
+            if op.get("sync", True):
+                os.fsync(fd)
         finally:
             os.close(fd)
     elif kind == "rename":
