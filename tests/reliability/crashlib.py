@@ -47,6 +47,9 @@ LOWER_SIZES = [0, 100, 4096, 70_000, 300_000, 1_200_000, 2_500_000, 6_000_000]
 NEW_SIZES = [0, 17, 5000, 200_000, 1_500_000]
 LOWER_DIRS = 4
 EMPTY_LOWER_DIRS = 3
+LOWER_NAMES = [f"f{index}" for index in range(len(LOWER_SIZES))] + [
+    f"d{d}/g{index}" for d in range(LOWER_DIRS) for index in range(3)
+]
 DEAD_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV}
 
 
@@ -195,6 +198,15 @@ def choose(model: Model, rng: random.Random, counter: Iterator[int], seed: int) 
         # Forces a full data copy-up of a lower file (big ones are copied in a thread)
         # without changing the content: rewrite one byte with itself.
         return {"op": "rewrite_byte", "path": rng.choice(files)}
+    gone = [
+        path
+        for path in LOWER_NAMES
+        if path not in model and (path.rpartition("/")[0] in model or "/" not in path)
+    ]
+    if gone and roll < 0.05:
+        # Create where a lower file was deleted or renamed away: replaces a whiteout.
+        tag = f"N{seed}_{number}:{rng.choice(NEW_SIZES)}"
+        return {"op": "write_tmp", "path": rng.choice(gone), "tag": tag, "sync": True}
     if roll < 0.45:
         parent = rng.choice(parents)
         tmp = (parent + "/" if parent else "") + f"t{seed}_{number}"
