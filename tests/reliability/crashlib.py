@@ -85,7 +85,7 @@ def make_lower(lower: Path) -> Model:
     for index, size in enumerate(LOWER_SIZES):
         tag = f"L{index}:{size}"
         (lower / f"f{index}").write_bytes(content(tag))
-        model[f"f{index}"] = {"t": "f", "tag": tag, "mode": 0o644}
+        model[f"f{index}"] = {"t": "f", "tag": tag, "mode": 0o644, "ino": f"f{index}"}
     for d in range(LOWER_DIRS):
         (lower / f"d{d}" / "sub").mkdir(parents=True)
         model[f"d{d}"] = {"t": "d"}
@@ -93,10 +93,15 @@ def make_lower(lower: Path) -> Model:
         for index, size in enumerate([10, 3000, 1_100_000 if d == 0 else 50_000]):
             tag = f"L{d}.{index}:{size}"
             (lower / f"d{d}" / f"g{index}").write_bytes(content(tag))
-            model[f"d{d}/g{index}"] = {"t": "f", "tag": tag, "mode": 0o644}
+            model[f"d{d}/g{index}"] = {
+                "t": "f",
+                "tag": tag,
+                "mode": 0o644,
+                "ino": f"d{d}/g{index}",
+            }
         tag = f"L{d}.s:1000"
         (lower / f"d{d}" / "sub" / "s").write_bytes(content(tag))
-        model[f"d{d}/sub/s"] = {"t": "f", "tag": tag, "mode": 0o644}
+        model[f"d{d}/sub/s"] = {"t": "f", "tag": tag, "mode": 0o644, "ino": f"d{d}/sub/s"}
     for e in range(EMPTY_LOWER_DIRS):
         (lower / f"e{e}").mkdir()
         model[f"e{e}"] = {"t": "d"}
@@ -141,9 +146,10 @@ def _tags(model: Model) -> set[str]:
 
 
 def normalized(model: Model) -> Model:
-    """Empty files all read back as EMPTY."""
+    """The model as a scan sees it: empty files read back as EMPTY; no inode identities."""
     out: Model = {}
     for path, entry in model.items():
+        entry = {key: value for key, value in entry.items() if key != "ino"}
         if entry["t"] == "f" and entry["tag"].endswith(":0"):
             entry = {**entry, "tag": "EMPTY"}
         out[path] = entry
@@ -158,9 +164,14 @@ def apply(model: Model, op: dict[str, Any]) -> Model:
     new = dict(model)
     kind = op["op"]
     if kind == "chmod":
-        new[op["path"]] = {**new[op["path"]], "mode": op["mode"]}
+        ino = new[op["path"]].get("ino", op["path"])
+        for path, entry in new.items():  # every hard link of the file
+            if path == op["path"] or (entry["t"] == "f" and entry.get("ino") == ino):
+                new[path] = {**entry, "mode": op["mode"]}
     elif kind == "write_tmp":
-        new[op["path"]] = {"t": "f", "tag": op["tag"], "mode": 0o644}
+        new[op["path"]] = {"t": "f", "tag": op["tag"], "mode": 0o644, "ino": op["tag"]}
+    elif kind == "link":
+        new[op["dst"]] = dict(new[op["src"]])
     elif kind == "rename":
         src, dst = op["src"], op["dst"]
         moved = {p: e for p, e in new.items() if p == src or p.startswith(src + "/")}
@@ -234,6 +245,10 @@ def choose(model: Model, rng: random.Random, counter: Iterator[int], seed: int) 
         }
     if files and roll < 0.72:
         return {"op": "unlink", "path": rng.choice(files)}
+    if files and roll < 0.75:
+        parent = rng.choice(parents)
+        dst = (parent + "/" if parent else "") + f"h{seed}_{number}"
+        return {"op": "link", "src": rng.choice(files), "dst": dst}
     if dirs and roll < 0.82:
         src = rng.choice(dirs)
         candidates = [p for p in parents if p != src and not p.startswith(src + "/")]
@@ -286,6 +301,8 @@ def perform(mountpoint: Path, op: dict[str, Any]) -> None:
         os.rename(mountpoint / op["src"], mountpoint / op["dst"])
     elif kind == "unlink":
         os.unlink(mountpoint / op["path"])
+    elif kind == "link":
+        os.link(mountpoint / op["src"], mountpoint / op["dst"])
     elif kind == "rmdir":
         os.rmdir(mountpoint / op["path"])
     elif kind == "mkdir":
@@ -404,7 +421,7 @@ class CrashLoop:
         self.workdir = self.base / f"work{self.episode}"
         self.upper.mkdir()
         self.workdir.mkdir()
-        self.model = normalized(self.lower_model)
+        self.model = dict(self.lower_model)
 
     def mount(self, number: int) -> tuple[Path, int]:
         log = self.log_dir / f"daemon-{self.episode}-{number}.log"
@@ -429,10 +446,10 @@ class CrashLoop:
             if leftovers:
                 figures.failures.append(f"kill {number}: work area not cleaned: {leftovers}")
             actual, problems = scan(self.mountpoint, _tags(self.model))
-            if actual != self.model:
+            if actual != normalized(self.model):
                 figures.failures.append(
                     f"kill {number}: view after remount differs from the model:\n"
-                    + _describe_difference(self.model, actual)
+                    + _describe_difference(normalized(self.model), actual)
                 )
                 self.model = actual
             figures.failures.extend(f"kill {number}: {p}" for p in problems)
@@ -509,8 +526,9 @@ class CrashLoop:
             )
             actual, problems = scan(self.mountpoint, known)
             figures.failures.extend(f"kill {number}: {p}" for p in problems)
+            full_after = apply(self.model, pending) if pending is not None else self.model
             before = normalized(self.model)
-            after = normalized(apply(self.model, pending)) if pending is not None else before
+            after = normalized(full_after)
             if pending is not None and pending["op"] == "write_tmp" and pending["path"] in actual:
                 # The one multi-syscall step: a partly written new file is legitimate;
                 # it must hold a prefix of its content. Remove it (as an application would).
@@ -521,11 +539,11 @@ class CrashLoop:
                 else:
                     actual[path] = after[path]
             if actual == after:
-                self.model = after
+                self.model = full_after
                 if pending is not None:
                     figures.in_flight_applied += 1
             elif actual == before:
-                self.model = before
+                pass
                 if pending is not None:
                     figures.in_flight_not_applied += 1
             else:
