@@ -402,7 +402,14 @@ def _describe_difference(expected: Model, actual: Model) -> str:
 class CrashLoop:
     """One upper layer, killed and remounted again and again."""
 
-    def __init__(self, base: Path, seed: int, log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        seed: int,
+        log_dir: Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.extra_args = list(extra_args or [])
         self.base = base
         self.rng = random.Random(seed)
         self.seed = seed
@@ -426,7 +433,12 @@ class CrashLoop:
     def mount(self, number: int) -> tuple[Path, int]:
         log = self.log_dir / f"daemon-{self.episode}-{number}.log"
         argv = unionfs_command(
-            [self.lower], self.mountpoint, upper=self.upper, workdir=self.workdir, log=log
+            [self.lower],
+            self.mountpoint,
+            upper=self.upper,
+            workdir=self.workdir,
+            log=log,
+            extra_args=self.extra_args,
         )
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
         if result.returncode != 0 or not is_mounted(self.mountpoint):
@@ -597,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
     loop.add_argument("--per-upper", type=int, default=10)
     loop.add_argument("--dir", type=Path, default=None)
+    loop.add_argument(
+        "--whiteout-format", choices=("overlay", "oci"), default="overlay", help="of the upper"
+    )
     args = parser.parse_args(argv)
     if args.command == "workload":
         return workload(args.model, args.journal, args.mountpoint, args.seed)
@@ -604,7 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         base = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crash-")))
         base.mkdir(parents=True, exist_ok=True)
         print(f"crash-loop: seed {args.seed}, {args.kills} kills, in {base}", flush=True)
-        crash = CrashLoop(base / f"run{args.seed}", args.seed)
+        crash = CrashLoop(
+            base / f"run{args.seed}",
+            args.seed,
+            extra_args=["--whiteout-format", args.whiteout_format],
+        )
         figures = crash.run(args.kills, args.per_upper, progress=True)
         print("crash-loop:", figures.summary())
         for failure in figures.failures:
