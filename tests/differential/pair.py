@@ -84,6 +84,7 @@ def round_trip(
 ) -> list[str]:
     """Mount each upper with the other implementation (after `mounted_pair` has exited).
 
+    0. The SUT over its own upper and workdir again must show its live view (persistence).
     1. Kernel overlayfs over the upper and workdir the SUT wrote must show the SUT's view.
     2. The SUT over the upper and workdir the kernel wrote must show the kernel's live view. Kernel
        overlayfs is not always self-consistent here (remounted over its own upper+index it can
@@ -92,6 +93,16 @@ def round_trip(
        counts as agreement: the SUT reads the kernel's format exactly as the kernel does.
     """
     problems = []
+    # 0. The SUT remounted over its own upper and workdir shows what it showed live (first: the
+    #    kernel mount below writes its own records into that upper).
+    with sut.mounted(
+        layers, base / "sut-again", upper=base / "sut.upper", workdir=base / "sut.work"
+    ) as mountpoint:
+        seen = view_of(mountpoint)
+    problems += [
+        f"{sut.name} remounted over its own upper: {line}"
+        for line in compare_views(sut_view, seen, (f"{sut.name} live", f"{sut.name} remounted"))
+    ]
     with ORACLE.mounted(
         layers, base / "kernel-over-sut", upper=base / "sut.upper", workdir=base / "sut.work"
     ) as mountpoint:
