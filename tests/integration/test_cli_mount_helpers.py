@@ -51,8 +51,9 @@ def test_fuse_mount_is_live_inside_and_gone_after(tmp_layers: TmpLayers, mountpo
 
 @needs_fuse_overlayfs
 def test_busy_mount_is_still_removed_when_the_test_fails(
-    tmp_layers: TmpLayers, mountpoint: Path
+    tmp_layers: TmpLayers, mountpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(mounts, "DAEMON_EXIT_TIMEOUT", 2.0)
     layers = tmp_layers({"f": "data\n"})
     with contextlib.ExitStack() as files:
         with (

@@ -192,10 +192,11 @@ def find_daemons(mountpoint: Path | str, marker: str, log: Path | None = None) -
     return pids
 
 
-def _stop_daemons(pids: Sequence[int], *, wait: float = DAEMON_EXIT_TIMEOUT) -> list[int]:
-    """Wait for the daemons to exit, then SIGTERM, then SIGKILL. Returns the pids killed."""
+def _stop_daemons(pids: Sequence[int], *, wait: float | None = None) -> list[int]:
+    """Wait for the daemons to exit (``wait`` s, default DAEMON_EXIT_TIMEOUT), then SIGTERM,
+    then SIGKILL. Returns the pids killed."""
     killed: list[int] = []
-    deadline = time.monotonic() + wait
+    deadline = time.monotonic() + (DAEMON_EXIT_TIMEOUT if wait is None else wait)
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
             for pid in pids:
