@@ -19,11 +19,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-import pyfuse3
-
 from unionfs.stack import Source
 
-ROOT_INODE = int(pyfuse3.ROOT_INODE)
+ROOT_INODE = 1  # FUSE_ROOT_ID: the kernel's fixed inode number of a FUSE mount's root
 
 
 @dataclass(eq=False, slots=True)

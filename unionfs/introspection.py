@@ -10,12 +10,25 @@ from __future__ import annotations
 import errno
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from unionfs.config import MountConfig
+from unionfs.copyup import CopyUp
+from unionfs.handles import HandleTable
 from unionfs.inodes import Node
+from unionfs.mutations import Mutations
+from unionfs.tree import MergedTree
 
-if TYPE_CHECKING:
-    from unionfs.operations import Operations
+
+class Operations(Protocol):
+    """What introspection reads of the FUSE adapter (kept abstract: imports point down)."""
+
+    config: MountConfig
+    copyup: CopyUp | None
+    mutations: Mutations | None
+    tree: MergedTree
+    handles: HandleTable
+
 
 PREFIX = "user.unionfs."
 STATUS = PREFIX + "status"
