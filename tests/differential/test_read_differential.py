@@ -62,7 +62,7 @@ def check_stack(stack: list, sut: Backend, base: Path, oci: bool) -> None:  # ty
 
 
 @pytest.mark.timeout(240)
-@settings(settings.get_profile("differential"), max_examples=examples(20))
+@settings(settings.get_profile("differential"), max_examples=examples(16))
 @given(stack=stacks())
 def test_read_view_equals_kernel_overlay(stack: list, sut: Backend, workspace: Workspace) -> None:  # type: ignore[type-arg]
     with workspace.example_dir() as base:
@@ -70,7 +70,7 @@ def test_read_view_equals_kernel_overlay(stack: list, sut: Backend, workspace: W
 
 
 @pytest.mark.timeout(240)
-@settings(settings.get_profile("differential"), max_examples=examples(12))
+@settings(settings.get_profile("differential"), max_examples=examples(10))
 @given(stack=stacks())
 def test_oci_form_read_view_equals_kernel_overlay_of_overlay_form(
     stack: list,  # type: ignore[type-arg]

@@ -378,7 +378,7 @@ def test_random_operation_sequences(
         machine,
         settings=settings(
             settings.get_profile("differential"),
-            max_examples=examples(6 if check_round_trip else 16),
+            max_examples=examples(4 if check_round_trip else 12),
             stateful_step_count=int(os.environ.get("UNIONFS_DIFF_STEPS", 20)),
         ),
     )
