@@ -295,8 +295,15 @@ class Mutations:
             return
         await self.copyup.ensure_file(node, data=METADATA, via=others_down[0])
 
+    def _check_whiteout_name(self, name: bytes) -> None:
+        """Fail before changing anything when the OCI whiteout of ``name`` cannot exist
+        (test_oci_whiteout_of_a_255_byte_name_changes_nothing)."""
+        if self.oci_whiteouts and len(whiteout.oci_whiteout_name(name)) > 255:
+            raise OSError(errno.ENAMETOOLONG, "no .wh. name that long can exist")
+
     def _replace_with_whiteout(self, parent_fd: int, name: bytes, *, is_dir: bool) -> None:
         """Atomically turn an upper entry into a whiteout (the old object is removed)."""
+        self._check_whiteout_name(name)
         temp = self.work.temp_name()
         if self.oci_whiteouts:
             safeio.renameat2(parent_fd, name, self.work.fd, temp)
@@ -453,6 +460,7 @@ class Mutations:
     def _rename_leaving_whiteout(
         self, old_fd: int, old_name: bytes, new_fd: int, new_name: bytes
     ) -> None:
+        self._check_whiteout_name(old_name)
         self.whiteouts_made += 1
         if not self.oci_whiteouts:
             try:

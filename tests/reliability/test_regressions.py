@@ -166,3 +166,29 @@ def test_xattrs_of_an_unlinked_open_file(
         # The kernel sends a SETATTR (times) at close: it failed with ENOENT, so close()
         # returned EIO (found by the same stress-ng run).
         os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename"])
+def test_oci_whiteout_of_a_255_byte_name_changes_nothing(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path, how: str
+) -> None:
+    """Found by test_hostile.py::test_strange_names: with --whiteout-format=oci, deleting (or
+    renaming away) a changed lower file with a 255-byte name needs ``.wh.`` + 255 bytes, which
+    cannot exist. The call failed with ENAMETOOLONG but had already moved the upper copy into
+    the work area (lost at the next mount) or renamed it (the lower file came back)."""
+    name = "n" * 255
+    (lower,) = tmp_layers({name: "lower\n"})
+    upper, workdir = tmp_path / "upper", tmp_path / "work"
+    args = ["--whiteout-format", "oci"]
+    with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir, extra_args=args):
+        (mountpoint / name).write_text("changed\n")
+        with pytest.raises(OSError) as raised:
+            if how == "unlink":
+                os.unlink(mountpoint / name)
+            else:
+                os.rename(mountpoint / name, mountpoint / "short")
+        assert raised.value.errno == errno.ENAMETOOLONG
+        assert sorted(os.listdir(mountpoint)) == [name]
+        assert (mountpoint / name).read_text() == "changed\n"
+    with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir, extra_args=args):
+        assert (mountpoint / name).read_text() == "changed\n"
