@@ -31,7 +31,11 @@ FUSE_OPTIONS = ("allow_other",)
 #: Options of the writable kernel oracle; UNIONFS_DIFF_KERNEL_OPTIONS overrides them (comma list),
 #: e.g. "redirect_dir=on,index=on,metacopy=on" to see what another configuration makes of an upper.
 KERNEL_WRITABLE_OPTIONS = tuple(
-    os.environ.get("UNIONFS_DIFF_KERNEL_OPTIONS", "redirect_dir=on,index=on").split(",")
+    # metacopy=on: unionfs copies metadata-only (like the kernel with metacopy=on); a kernel
+    # without it refuses such uppers (documented in the README's known differences).
+    os.environ.get(
+        "UNIONFS_DIFF_KERNEL_OPTIONS", "redirect_dir=on,index=on,metacopy=on"
+    ).split(",")
 )
 
 

@@ -57,12 +57,6 @@ pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_overlay")]
 #: Scenarios the system under test is known to get wrong: name -> reason (xfail strict, so a fix
 #: shows up as XPASS and the entry must then be removed). Nothing here is a deliberate difference:
 #: those are in compare.ALLOWED_DIFFERENCES.
-_METACOPY = (
-    "unionfs writes metadata-only copy-ups (trusted.overlay.metacopy, no trusted.overlay.origin); "
-    "kernel overlayfs mounted with the oracle's options (redirect_dir=on,index=on, so "
-    "metacopy=off) refuses those files: lstat gives EPERM, dmesg 'refusing to follow metacopy "
-    "origin'"
-)
 _HARDLINK_UPPER = (
     "a lower hard-link pair copied up through one name is not recorded on disk: unionfs's upper "
     "holds only that name (nlink 1, no index), so unionfs itself remounted over its upper (and "
@@ -73,20 +67,9 @@ _UNIONFS_KNOWN: dict[str, str] = {
     "round trip: chmod through one name of a lower hard-link pair, then unlink the other name": (
         _HARDLINK_UPPER
     ),
-    "round trip: copy-up on chmod, chown, utime keeps content and mtime": _METACOPY,
-    "round trip: copy-up on setxattr and removexattr": _METACOPY,
-    "round trip: rename of files across layers and over existing targets": _METACOPY,
-    "round trip: rename over a whiteout": _METACOPY,
-    "round trip: RENAME_NOREPLACE against lower, upper and whited-out targets": _METACOPY,
-    "round trip: RENAME_EXCHANGE of lower/upper files and of a file with a dir": _METACOPY,
-    "round trip: chown clears setuid, chmod of a lower dir": _METACOPY,
     "round trip: hard links survive copy-up": _HARDLINK_UPPER,
     "round trip: unlink one name of a lower hard-link pair": _HARDLINK_UPPER,
     "round trip: rename both names of a lower hard-link pair": _HARDLINK_UPPER,
-    "random operation sequences, round trip": _METACOPY,
-    "round trip: trusted.overlay.* xattrs set through the mount (kernel >= 6.7 escapes them)": (
-        _METACOPY
-    ),
 }
 KNOWN_FAILURES: dict[str, dict[str, str]] = {
     "unionfs": _UNIONFS_KNOWN,
