@@ -106,11 +106,25 @@ class CopyUp:
         parent_fd = self.upper.dir_fd(merged_path(parent))
         temp = self.work.temp_name()
         os.mkdir(temp, 0o700, dir_fd=self.work.fd)
+        self._finish_in_work(temp, source_fd, source_name, st, parent_fd, name)
+        self._adopt_upper(node, parent, name, parent_fd)
+
+    def _finish_in_work(
+        self,
+        temp: bytes,
+        source_fd: int,
+        source_name: bytes,
+        st: os.stat_result,
+        parent_fd: int,
+        name: bytes,
+    ) -> None:
+        """Give the object built at ``temp`` in the work directory the source's xattrs, owner,
+        mode and times, then rename it into place; on any failure nothing is left behind."""
         try:
             safeio.copy_xattrs(
                 source_fd, source_name, self.work.fd, temp, keep=whiteout.is_copied_xattr
             )
-            apply_path_metadata(self.work.fd, temp, st, symlink=False)
+            apply_path_metadata(self.work.fd, temp, st, symlink=stat.S_ISLNK(st.st_mode))
             os.utime(
                 temp,
                 ns=(st.st_atime_ns, st.st_mtime_ns),
@@ -121,7 +135,6 @@ class CopyUp:
         except BaseException:
             safeio.remove_tree(self.work.fd, temp)
             raise
-        self._adopt_upper(node, parent, name, parent_fd)
 
     async def ensure_file(
         self, node: Node, *, data: str = FULL, via: tuple[Node, bytes] | None = None
@@ -313,26 +326,8 @@ class CopyUp:
         name: bytes,
     ) -> None:
         temp = self.work.temp_name()
-        symlink = stat.S_ISLNK(st.st_mode)
-        if symlink:
+        if stat.S_ISLNK(st.st_mode):
             os.symlink(safeio.readlink(source_dir_fd, source_name), temp, dir_fd=self.work.fd)
         else:
             os.mknod(temp, st.st_mode, st.st_rdev, dir_fd=self.work.fd)
-        try:
-            safeio.copy_xattrs(
-                source_dir_fd, source_name, self.work.fd, temp, keep=whiteout.is_copied_xattr
-            )
-            apply_path_metadata(self.work.fd, temp, st, symlink=symlink)
-            os.utime(
-                temp,
-                ns=(st.st_atime_ns, st.st_mtime_ns),
-                dir_fd=self.work.fd,
-                follow_symlinks=False,
-            )
-            safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_NOREPLACE)
-        except BaseException:
-            try:
-                os.unlink(temp, dir_fd=self.work.fd)
-            except OSError:
-                pass
-            raise
+        self._finish_in_work(temp, source_dir_fd, source_name, st, parent_fd, name)
