@@ -28,6 +28,16 @@ from tests.support.mounts import (
     unionfs_command,
 )
 
+
+def running(pid: int) -> bool:
+    """The process exists and is no zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 needs_fuse_overlayfs = pytest.mark.skipif(
     shutil.which("fuse-overlayfs") is None or not os.access("/dev/fuse", os.R_OK | os.W_OK),
     reason="needs fuse-overlayfs and a usable /dev/fuse (scripts/setup --test, scripts/test)",
@@ -190,3 +200,30 @@ def test_run_command_returns_at_its_timeout_though_a_child_holds_its_output() ->
     assert time.monotonic() - started < 10
     assert isinstance(caught.value.output, str)
     os.kill(int(caught.value.output.split()[0]), signal.SIGKILL)
+
+
+@needs_fuse_overlayfs
+@pytest.mark.root
+def test_a_mount_kept_alive_by_another_namespace_is_no_failure(
+    tmp_layers: TmpLayers, mountpoint: Path
+) -> None:
+    layers = tmp_layers({"f": "data\n"}, {})
+    holder: subprocess.Popen[bytes] | None = None
+    try:
+        with fuse_overlayfs_mounted(layers, mountpoint) as mounted:
+            pids = daemon_pids(mounted, "fuse-overlayfs")
+            # A new mount namespace copies the mount: after the unmount here, the filesystem
+            # lives on there, and its daemon keeps serving it.
+            holder = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sleep", "60"]
+            )
+            deadline = time.monotonic() + 10
+            while os.readlink(f"/proc/{holder.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        assert not is_mounted(mountpoint)
+        assert not any(running(pid) for pid in pids)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()

@@ -270,13 +270,47 @@ def abort_connection(mountpoint: Path | str) -> bool:
     return True
 
 
-def unmount_fuse(mountpoint: Path | str, *, pids: Sequence[int] = ()) -> list[str]:
+def holders_elsewhere(device: str) -> list[str]:
+    """Processes in other mount namespaces that still have the filesystem ``device`` mounted.
+
+    Creating a mount namespace (``unshare``, containers, ``unionfs run``) copies every mount of the
+    parent; such a copy keeps a FUSE filesystem alive after it is unmounted here, and its daemon
+    rightly goes on serving it. Returns ``"PID COMMAND"`` for one process per such namespace.
+    """
+    own = os.readlink("/proc/self/ns/mnt")
+    seen = {own}
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            namespace = os.readlink(f"/proc/{entry}/ns/mnt")
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            with open(f"/proc/{entry}/mountinfo", encoding="utf-8", errors="replace") as table:
+                if any(line.split()[2] == device for line in table if line.strip()):
+                    argv = _cmdline(int(entry)) or ["?"]
+                    holders.append(f"{entry} {' '.join(argv)[:100]}")
+        except (OSError, IndexError):
+            continue
+    return holders
+
+
+def unmount_fuse(
+    mountpoint: Path | str, *, pids: Sequence[int] = (), device: str | None = None
+) -> list[str]:
     """Unmount a FUSE mount by every means, then make sure its daemons are gone.
 
     Returns notes of what it had to force (empty when ``fusermount3 -u`` sufficed and every daemon
-    exited by itself); raises AssertionError only if the mount cannot be removed at all.
+    exited by itself); raises AssertionError only if the mount cannot be removed at all. A daemon
+    whose filesystem another mount namespace still holds (see :func:`holders_elsewhere`; ``device``
+    is the mount's ``MAJOR:MINOR``) is stopped with SIGTERM at once, and that is no failure.
     """
     notes: list[str] = []
+    if device is None:
+        entry = mount_entry(mountpoint)
+        device = entry.device if entry is not None else None
     for attempt in range(5):
         if not is_mounted(mountpoint):
             break
@@ -297,6 +331,16 @@ def unmount_fuse(mountpoint: Path | str, *, pids: Sequence[int] = ()) -> list[st
     if is_mounted(mountpoint) and os.geteuid() == 0:
         result = _run_quiet(["umount", "-l", str(mountpoint)])
         notes.append(f"needed umount -l (rc {result.returncode})")
+    if device is not None and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+        holders = holders_elsewhere(device) if any(_alive(pid) for pid in pids) else []
+        if holders:
+            notes.append(
+                "the filesystem lives on in another mount namespace (held by "
+                + "; ".join(holders[:3])
+                + "): its daemon was stopped with SIGTERM"
+            )
+            _stop_daemons(pids, wait=0.0)
     killed = _stop_daemons(pids)
     if killed:
         notes.append(
@@ -361,6 +405,8 @@ def fuse_mounted(
         )
     # Find the daemon now, while its argv is certain to be there.
     pids = find_daemons(mountpoint, marker, log)
+    entry = mount_entry(mountpoint)
+    device = entry.device if entry is not None else None
     hung = threading.Event()
 
     def declare_hung() -> None:
@@ -390,7 +436,7 @@ def fuse_mounted(
         raise
     finally:
         watchdog.cancel()
-        notes = unmount_fuse(mountpoint, pids=pids)
+        notes = unmount_fuse(mountpoint, pids=pids, device=device)
         if not failed and hung.is_set():
             raise AssertionError(hung_note)
         if not failed and check_log and log is not None:
