@@ -216,19 +216,28 @@ def copy_data(source_fd: int, target_fd: int, size: int) -> int:
     return copied
 
 
-_copy_file_range_works = True
+# (source st_dev, target st_dev) pairs where copy_file_range is refused (e.g. EXDEV between
+# different filesystem types): those copies go through sendfile, others keep copy_file_range.
+_no_copy_file_range: set[tuple[int, int]] = set()
 
 
 def _copy_range(source_fd: int, target_fd: int, offset: int, count: int) -> int:
-    global _copy_file_range_works
+    """Copy up to ``count`` bytes at ``offset`` inside the kernel when it can."""
     chunk = min(count, 1 << 30)
-    if _copy_file_range_works:
+    pair = (os.fstat(source_fd).st_dev, os.fstat(target_fd).st_dev)
+    if pair not in _no_copy_file_range:
         try:
             return os.copy_file_range(source_fd, target_fd, chunk, offset, offset)
         except OSError as error:
             if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-            _copy_file_range_works = False
+            _no_copy_file_range.add(pair)
+    try:
+        os.lseek(target_fd, offset, os.SEEK_SET)
+        return os.sendfile(target_fd, source_fd, offset, chunk)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
     data = os.pread(source_fd, min(chunk, 1 << 20), offset)
     if not data:
         return 0
