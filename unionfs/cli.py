@@ -101,15 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount_parser.add_argument("paths", nargs="+", metavar="LAYER... MOUNTPOINT")
 
-    for name in ("umount", "unmount"):
-        umount_parser = commands.add_parser(
-            name,
-            help="unmount a unionfs mount" if name == "umount" else argparse.SUPPRESS,
-            description="Unmount MOUNTPOINT (through fusermount3, so no root is needed).",
-            epilog=EXIT_CODES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        umount_parser.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount_parser = commands.add_parser(
+        "umount",
+        aliases=["unmount"],
+        help="unmount a unionfs mount",
+        description="Unmount MOUNTPOINT (through fusermount3, so no root is needed).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    umount_parser.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     status_parser = commands.add_parser("status", help="list live unionfs mounts and counters")
     status_parser.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
@@ -196,6 +196,10 @@ def parse(argv: Sequence[str]) -> tuple[str, Any]:
     first = next((arg for arg in argv if not arg.startswith("-")), None)
     wants_help = any(arg in ("-h", "--help", "--version") for arg in argv)
     if first not in SUBCOMMANDS and not (wants_help and first is None) and argv:
+        if not any(arg == "-o" or arg.startswith("-o") for arg in argv):
+            raise OptionError(
+                f"unknown command {first!r} (commands: {', '.join(SUBCOMMANDS)}; see --help)"
+            )
         return "mount", _parse_overlay_form(argv)
     args = build_parser().parse_args(argv)
     if args.command is None:

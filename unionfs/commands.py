@@ -64,7 +64,13 @@ def status(mountpoint: str | None) -> int:
         print("no unionfs mounts")
         return 0
     for target in targets:
-        document = mount_status(target)
+        try:
+            document = mount_status(target)
+        except CommandError:
+            if mountpoint:
+                raise
+            print(f"{target}  (not answering: its daemon is gone; unmount it)")
+            continue
         upper = document.get("upper")
         print(f"{document['mountpoint']}  (pid {document['pid']})")
         for index, layer in enumerate(reversed(document["lowers"])):

@@ -126,10 +126,6 @@ def test_help_of_each_listed_subcommand() -> None:
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(
-    reason="argparse lists a subcommand added with help=SUPPRESS as '==SUPPRESS==' (unmount alias)",
-    strict=False,
-)
 def test_help_shows_no_argparse_placeholder() -> None:
     assert "==SUPPRESS==" not in run_cli("--help").stdout
 
