@@ -138,6 +138,14 @@ def validate(config: MountConfig) -> None:
             raise MountError(EXIT_LAYER, "workdir must be on the same filesystem as the upper")
     _check_mountpoint(config)
     _check_fuse()
+    if config.log_file is not None:
+        try:
+            with open(config.log_file, "a", encoding="utf-8"):
+                pass
+        except OSError as error:
+            raise MountError(
+                EXIT_FAILURE, f"cannot write log {config.log_file}: {error.strerror}"
+            ) from None
 
 
 def _check_mountpoint(config: MountConfig) -> None:

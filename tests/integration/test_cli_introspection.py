@@ -81,3 +81,12 @@ def test_uid_mapping_through_mount(tmp_layers: TmpLayers, tmp_path: Path,
         assert (stored.st_uid, stored.st_gid) == (100005, 100006)
         (mnt / "new").write_text("n")  # created by root (container 0) -> host 100000
         assert (tmp_path / "up/new").stat().st_uid == 100000
+
+
+def test_unwritable_log_is_a_one_line_error(tmp_layers: TmpLayers, mountpoint: Path,
+                                            tmp_path: Path) -> None:
+    result = unionfs("mount", "--log", str(tmp_path / "missing-dir" / "log"),
+                     str(tmp_layers({"f": "1"})[0]), str(mountpoint))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "cannot write log" in result.stderr
+    assert "Traceback" not in result.stderr
