@@ -349,18 +349,17 @@ class _Checker:
 
     def mark_opaque(self, fd: int, name: bytes, *, oci: bool) -> None:
         if not oci:
-            prefix = whiteout.TRUSTED_PREFIX if self.privileged else whiteout.USER_PREFIX
-            safeio.set_xattr(fd, name, prefix + "opaque", b"y")
-            return
-        child_fd = safeio.open_dir(fd, name)
-        try:
-            os.close(
-                safeio.open_file(
-                    child_fd, whiteout.OCI_OPAQUE_MARKER, os.O_CREAT | os.O_WRONLY, 0o600
-                )
-            )
-        finally:
-            os.close(child_fd)
+            # Root in a user namespace has euid 0 but no trusted xattrs: fall back to user.*.
+            prefixes = [whiteout.USER_PREFIX]
+            if self.privileged:
+                prefixes.insert(0, whiteout.TRUSTED_PREFIX)
+            for prefix in prefixes:
+                try:
+                    safeio.set_xattr(fd, name, prefix + "opaque", b"y")
+                    return
+                except PermissionError:
+                    continue
+        safeio.add_oci_opaque_marker(fd, name, whiteout.OCI_OPAQUE_MARKER)
 
     def check_subdir(
         self,

@@ -97,15 +97,7 @@ class Mutations:
             except OSError as error:
                 if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
                     raise
-        child_fd = safeio.open_dir(dir_fd, name)
-        try:
-            os.close(
-                safeio.open_file(
-                    child_fd, whiteout.OCI_OPAQUE_MARKER, os.O_CREAT | os.O_WRONLY, 0o600
-                )
-            )
-        finally:
-            os.close(child_fd)
+        safeio.add_oci_opaque_marker(dir_fd, name, whiteout.OCI_OPAQUE_MARKER)
 
     def _place(self, parent: Node, name: bytes, make: Maker, *, kind: int) -> int:
         """Create a new object (of type ``kind``) at ``name`` in the upper copy of ``parent``,

@@ -287,3 +287,12 @@ def copy_xattrs(
         except OSError as error:
             if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES, errno.EINVAL):
                 raise
+
+
+def add_oci_opaque_marker(dir_fd: int, name: bytes, marker: bytes) -> None:
+    """Create the empty file ``marker`` (``.wh..wh..opq``) inside directory ``name``."""
+    child_fd = open_dir(dir_fd, name)
+    try:
+        os.close(open_file(child_fd, marker, os.O_CREAT | os.O_WRONLY, 0o600))
+    finally:
+        os.close(child_fd)
