@@ -441,9 +441,19 @@ class Operations(pyfuse3.Operations):
             node = self._node(inode)
             if not node.in_upper and not node.lower and node.open_fds:
                 # Unlinked while open (the kernel sets times at close): change the open
-                # file itself (test_xattrs_of_an_unlinked_open_file).
-                fd = next(iter(node.open_fds))
-                self._apply_setattr(node, fd, None, attr, fields, fh)
+                # file itself (test_xattrs_of_an_unlinked_open_file). Only through a handle
+                # open for writing: that fd is an upper file, never a lower one.
+                fd = self._detached_upper_fd(node)
+                if fd is not None:
+                    self._apply_setattr(node, fd, None, attr, fields, fh)
+                elif (
+                    fields.update_size
+                    or fields.update_mode
+                    or fields.update_uid
+                    or fields.update_gid
+                ):
+                    raise OSError(errno.ENOENT, "deleted, and only open for reading")
+                # else: times the kernel flushes at close of a deleted lower file: nothing to do
                 return self._attributes(node)
             if fields.update_size:
                 data = EMPTY if attr.st_size == 0 else FULL
@@ -453,6 +463,14 @@ class Operations(pyfuse3.Operations):
             dir_fd, name = writer.upper_location(node)
             self._apply_setattr(node, dir_fd, name, attr, fields, fh)
             return self._attributes(node)
+
+    def _detached_upper_fd(self, node: Node) -> int | None:
+        """An fd of an unlinked-but-open file that is safe to change: a writable handle's
+        (always an upper file). A read-only handle may be a lower file: never that one."""
+        for handle in self.handles.files.values():
+            if handle.node is node and handle.writable:
+                return handle.fd
+        return None
 
     def _apply_setattr(
         self,
@@ -469,8 +487,9 @@ class Operations(pyfuse3.Operations):
             handle = self.handles.files.get(fh) if fh is not None else None
             if handle is not None and handle.writable:
                 os.ftruncate(handle.fd, attr.st_size)
+            elif name is None:
+                os.ftruncate(dir_fd, attr.st_size)  # an open upper file (see setattr)
             else:
-                assert name is not None
                 fd = safeio.open_file(dir_fd, name, os.O_WRONLY)
                 try:
                     os.ftruncate(fd, attr.st_size)

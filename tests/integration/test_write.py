@@ -400,3 +400,27 @@ def test_metadata_only_copy_up_survives_remount(tmp_layers: TmpLayers, tmp_path:
         assert METACOPY_XATTR not in os.listxattr(upper / "big")
         assert (upper / "big").lstat().st_blocks > 0
         assert stat.S_IMODE((upper / "big").lstat().st_mode) == 0o600
+
+
+def test_unlinked_open_files_never_reach_the_lower_layer(tmp_layers: TmpLayers, tmp_path: Path,
+                                                         mountpoint: Path) -> None:
+    """fchmod/ftruncate through fds of files deleted while open: an upper file changes, a
+    lower file opened read-only stays untouched (the writable() check verifies the lowers)."""
+    layers = tmp_layers({"lower": "lower data"})
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        reader = os.open(mnt / "lower", os.O_RDONLY)
+        (mnt / "new").write_text("upper data")
+        writer = os.open(mnt / "new", os.O_RDWR)
+        try:
+            (mnt / "lower").unlink()
+            (mnt / "new").unlink()
+            with contextlib.suppress(OSError):
+                os.fchmod(reader, 0o600)  # refused or harmless: never the lower file
+            os.ftruncate(writer, 5)
+            os.fchmod(writer, 0o640)
+            assert os.pread(writer, 100, 0) == b"upper"
+            assert stat.S_IMODE(os.fstat(writer).st_mode) == 0o640
+            assert os.pread(reader, 100, 0) == b"lower data"
+        finally:
+            os.close(reader)
+            os.close(writer)
