@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from unionfs import introspection
-from unionfs.mount import EXIT_FAILURE, EXIT_LAYER, EXIT_MOUNTPOINT, mounted_paths
+from unionfs.mount import (
+    EXIT_FAILURE,
+    EXIT_LAYER,
+    EXIT_MOUNTPOINT,
+    mount_table,
+    mounted_paths,
+)
 
 
 class CommandError(Exception):
@@ -24,14 +30,8 @@ class CommandError(Exception):
 
 
 def unionfs_mounts() -> list[str]:
-    """Mount points of live unionfs mounts this process can see."""
-    found: list[str] = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-        for line in table:
-            before, _, after = line.partition(" - ")
-            if after.split(" ", 1)[0] == "fuse.unionfs":
-                found.append(before.split()[4].replace("\\040", " "))
-    return found
+    """Mount points of the unionfs mounts this process can see."""
+    return [entry.mountpoint for entry in mount_table() if entry.fstype == "fuse.unionfs"]
 
 
 def mount_status(mountpoint: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from unionfs import safeio, whiteout
 from unionfs.inodes import Node, link_path, merged_path
 from unionfs.layer import Layer
+from unionfs.stack import Source
 from unionfs.tree import MergedTree
 from unionfs.workdir import WorkDir
 
@@ -172,24 +173,18 @@ class CopyUp:
             redirect = None
             if metacopy and source.path != link_path(parent, name):
                 redirect = whiteout.encode_redirect(source.path)
-            with_data = data == FULL
-            source_fd = safeio.open_lower_file(source_dir_fd, source_name) if with_data else None
-            try:
-                await self._write_regular(
-                    data_fd=source_fd,
-                    size=0 if data == EMPTY else st.st_size,
-                    meta_fd=source_dir_fd,
-                    meta_name=source_name,
-                    meta_st=st,
-                    parent_fd=parent_fd,
-                    name=name,
-                    replace=False,
-                    metacopy=metacopy,
-                    redirect=redirect,
-                )
-            finally:
-                if source_fd is not None:
-                    os.close(source_fd)
+            await self._write_regular(
+                data_from=source if data == FULL else None,
+                size=0 if data == EMPTY else st.st_size,
+                meta_fd=source_dir_fd,
+                meta_name=source_name,
+                meta_st=st,
+                parent_fd=parent_fd,
+                name=name,
+                replace=False,
+                metacopy=metacopy,
+                redirect=redirect,
+            )
         else:
             self._copy_special(source_dir_fd, source_name, st, parent_fd, name)
         node.lower_links_consumed += 1
@@ -221,25 +216,18 @@ class CopyUp:
         parent_fd = self.upper.dir_fd(path[:-1])
         name = path[-1]
         old = safeio.lstat(parent_fd, name)
-        source = node.lower[0]
-        source_dir_fd, source_name = source.layer.parent_and_name(source.path)
-        source_fd = None if empty else safeio.open_lower_file(source_dir_fd, source_name)
-        try:
-            await self._write_regular(
-                data_fd=source_fd,
-                size=0 if empty else old.st_size,
-                meta_fd=parent_fd,
-                meta_name=name,
-                meta_st=old,
-                parent_fd=parent_fd,
-                name=name,
-                replace=True,
-                metacopy=False,
-                redirect=None,
-            )
-        finally:
-            if source_fd is not None:
-                os.close(source_fd)
+        await self._write_regular(
+            data_from=None if empty else node.lower[0],
+            size=0 if empty else old.st_size,
+            meta_fd=parent_fd,
+            meta_name=name,
+            meta_st=old,
+            parent_fd=parent_fd,
+            name=name,
+            replace=True,
+            metacopy=False,
+            redirect=None,
+        )
         self.tree.inodes.drop_key((old.st_dev, old.st_ino), node)
         node.metacopy = False
         self._adopt_upper(node, *node.upper_link_or_fail(), parent_fd)
@@ -256,7 +244,7 @@ class CopyUp:
     async def _write_regular(
         self,
         *,
-        data_fd: int | None,
+        data_from: Source | None,
         size: int,
         meta_fd: int,
         meta_name: bytes,
@@ -267,7 +255,42 @@ class CopyUp:
         metacopy: bool,
         redirect: bytes | None,
     ) -> None:
-        """Build a regular file off to the side, then link or rename it to parent/name."""
+        """Build a regular file off to the side (data from the lower file ``data_from``, if
+        any), then link or rename it to parent/name."""
+        data_fd = None
+        if data_from is not None and size:
+            data_fd = safeio.open_lower_file(*data_from.layer.parent_and_name(data_from.path))
+        try:
+            await self._build_regular(
+                data_fd,
+                size,
+                meta_fd,
+                meta_name,
+                meta_st,
+                parent_fd,
+                name,
+                replace=replace,
+                metacopy=metacopy,
+                redirect=redirect,
+            )
+        finally:
+            if data_fd is not None:
+                os.close(data_fd)
+
+    async def _build_regular(
+        self,
+        data_fd: int | None,
+        size: int,
+        meta_fd: int,
+        meta_name: bytes,
+        meta_st: os.stat_result,
+        parent_fd: int,
+        name: bytes,
+        *,
+        replace: bool,
+        metacopy: bool,
+        redirect: bytes | None,
+    ) -> None:
         temp = self.work.temp_name()
         try:
             target_fd = os.open(

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -50,21 +51,37 @@ class Prepared:
     work: WorkDir | None
 
 
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str  # unescaped
+    device: str  # major:minor
+    fstype: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as ``\\ooo`` octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def mount_table() -> list[MountEntry]:
+    """/proc/self/mountinfo, read without touching any mount (a stat of our own mount from
+    the daemon before it serves would wait for ourselves)."""
+    entries: list[MountEntry] = []
+    with (
+        contextlib.suppress(OSError),
+        open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table,
+    ):
+        for line in table:
+            before, _, after = line.partition(" - ")
+            fields = before.split()
+            if len(fields) > 4 and after:
+                entries.append(MountEntry(_unescape(fields[4]), fields[2], after.split()[0]))
+    return entries
+
+
 def mounted_paths() -> set[str]:
-    """Mount points from /proc/self/mountinfo (read without touching any mount)."""
-    paths: set[str] = set()
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo", "rb") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if len(fields) > 4:
-                path = fields[4].decode("utf-8", "surrogateescape")
-                paths.add(
-                    path.replace("\\040", " ")
-                    .replace("\\011", "\t")
-                    .replace("\\012", "\n")
-                    .replace("\\134", "\\")
-                )
-    return paths
+    """Mount points this process can see."""
+    return {entry.mountpoint for entry in mount_table()}
 
 
 def _inside(path: str, ancestor: str) -> bool:
@@ -271,19 +288,9 @@ READ_AHEAD_KB = 1024
 
 
 def mount_device(real: str) -> str | None:
-    """``major:minor`` of the mount at the resolved path ``real``, from mountinfo. Never
-    stat (or realpath) our own mount from the daemon before it serves: nobody would answer."""
-    with (
-        contextlib.suppress(OSError),
-        open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table,
-    ):
-        device = None
-        for line in table:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == real:
-                device = fields[2]
-        return device
-    return None
+    """``major:minor`` of the (topmost) mount at the resolved path ``real``."""
+    devices = [entry.device for entry in mount_table() if entry.mountpoint == real]
+    return devices[-1] if devices else None
 
 
 def raise_read_ahead(real_mountpoint: str) -> None:

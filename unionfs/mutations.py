@@ -11,6 +11,7 @@ directory and renamed or exchanged into place). All methods run with the namespa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -129,16 +130,18 @@ class Mutations:
         self.upper.note_entry(merged_path(parent), name, kind)
         return parent_fd
 
-    def _chown_new(self, dir_fd: int, name: bytes, parent_fd: int, uid: int, gid: int) -> None:
-        """Give a new object to the caller (as the kernel would), when we may."""
-        if os.fstat(parent_fd).st_mode & stat.S_ISGID:
+    def _chown_new(self, dir_fd: int, target: bytes | int, uid: int, gid: int) -> None:
+        """Give a new object (``target``: its name in ``dir_fd``, or an open fd) to the
+        caller, as the kernel would, when we may."""
+        if os.fstat(dir_fd).st_mode & stat.S_ISGID:
             gid = -1  # the upper filesystem already gave it the parent's group
         if uid == os.geteuid() and gid in (-1, os.getegid()):
             return
-        try:
-            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-        except PermissionError:
-            pass
+        with contextlib.suppress(PermissionError):
+            if isinstance(target, int):
+                os.chown(target, uid, gid)
+            else:
+                os.chown(target, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
     def _require_absent(self, parent: Node, name: bytes) -> None:
         _refuse_hidden_name(name)
@@ -153,16 +156,17 @@ class Mutations:
 
     # creation ------------------------------------------------------------------------
     def create(
-        self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int
+        self, parent: Node, name: bytes, mode: int, uid: int, gid: int
     ) -> tuple[Node, os.stat_result, int]:
+        """Create and open (O_RDWR; O_APPEND is the kernel's job) a new regular file."""
         self._require_absent(parent, name)
         opened: list[int] = []
-        open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR  # O_APPEND is the kernel's job
+        open_flags = os.O_CREAT | os.O_EXCL | os.O_RDWR
 
         def make(dir_fd: int, target: bytes) -> None:
             fd = safeio.open_file(dir_fd, target, open_flags, stat.S_IMODE(mode))
             opened.append(fd)
-            self._chown_new_fd(fd, dir_fd, uid, gid)
+            self._chown_new(dir_fd, fd, uid, gid)
 
         try:
             self._place(parent, name, make, kind=stat.S_IFREG)
@@ -173,16 +177,6 @@ class Mutations:
             raise
         return node, st, opened[0]
 
-    def _chown_new_fd(self, fd: int, parent_fd: int, uid: int, gid: int) -> None:
-        if os.fstat(parent_fd).st_mode & stat.S_ISGID:
-            gid = -1
-        if uid == os.geteuid() and gid in (-1, os.getegid()):
-            return
-        try:
-            os.fchown(fd, uid, gid)
-        except PermissionError:
-            pass
-
     def mkdir(
         self, parent: Node, name: bytes, mode: int, uid: int, gid: int
     ) -> tuple[Node, os.stat_result]:
@@ -190,7 +184,7 @@ class Mutations:
 
         def make(dir_fd: int, target: bytes) -> None:
             os.mkdir(target, stat.S_IMODE(mode), dir_fd=dir_fd)
-            self._chown_new(dir_fd, target, dir_fd, uid, gid)
+            self._chown_new(dir_fd, target, uid, gid)
 
         self._place(parent, name, make, kind=stat.S_IFDIR)
         return self._adopt_new(parent, name)
@@ -202,7 +196,7 @@ class Mutations:
 
         def make(dir_fd: int, target: bytes) -> None:
             os.mknod(target, mode, rdev, dir_fd=dir_fd)
-            self._chown_new(dir_fd, target, dir_fd, uid, gid)
+            self._chown_new(dir_fd, target, uid, gid)
 
         self._place(parent, name, make, kind=stat.S_IFMT(mode))
         return self._adopt_new(parent, name)
@@ -214,7 +208,7 @@ class Mutations:
 
         def make(dir_fd: int, link_name: bytes) -> None:
             os.symlink(target, link_name, dir_fd=dir_fd)
-            self._chown_new(dir_fd, link_name, dir_fd, uid, gid)
+            self._chown_new(dir_fd, link_name, uid, gid)
 
         self._place(parent, name, make, kind=stat.S_IFLNK)
         return self._adopt_new(parent, name)

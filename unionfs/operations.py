@@ -353,9 +353,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         writer = self._writer()
         async with self.lock:
-            node, st, fd = writer.create(
-                self._node(parent_inode), name, mode, flags, *self._owner(ctx)
-            )
+            node, st, fd = writer.create(self._node(parent_inode), name, mode, *self._owner(ctx))
         number = self.handles.add_file(FileHandle(node, fd, node.generation, True))
         return pyfuse3.FileInfo(fh=number, keep_cache=True), self._entry(node, st)
 

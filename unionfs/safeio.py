@@ -189,6 +189,7 @@ def copy_data(source_fd: int, target_fd: int, size: int) -> int:
     """
     copied = 0
     offset = 0
+    pair = (os.fstat(source_fd).st_dev, os.fstat(target_fd).st_dev)
     while offset < size:
         try:
             data_start = os.lseek(source_fd, offset, os.SEEK_DATA)
@@ -206,7 +207,7 @@ def copy_data(source_fd: int, target_fd: int, size: int) -> int:
         data_end = min(data_end, size)
         position = data_start
         while position < data_end:
-            count = _copy_range(source_fd, target_fd, position, data_end - position)
+            count = _copy_range(source_fd, target_fd, position, data_end - position, pair)
             if count == 0:
                 break
             position += count
@@ -221,10 +222,12 @@ def copy_data(source_fd: int, target_fd: int, size: int) -> int:
 _no_copy_file_range: set[tuple[int, int]] = set()
 
 
-def _copy_range(source_fd: int, target_fd: int, offset: int, count: int) -> int:
-    """Copy up to ``count`` bytes at ``offset`` inside the kernel when it can."""
+def _copy_range(
+    source_fd: int, target_fd: int, offset: int, count: int, pair: tuple[int, int]
+) -> int:
+    """Copy up to ``count`` bytes at ``offset`` inside the kernel when it can; ``pair`` is
+    the (source, target) st_dev, to remember where copy_file_range is refused."""
     chunk = min(count, 1 << 30)
-    pair = (os.fstat(source_fd).st_dev, os.fstat(target_fd).st_dev)
     if pair not in _no_copy_file_range:
         try:
             return os.copy_file_range(source_fd, target_fd, chunk, offset, offset)

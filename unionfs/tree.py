@@ -163,11 +163,8 @@ class MergedTree:
     def readlink(self, node: Node) -> bytes:
         if not stat.S_ISLNK(node.kind):
             raise OSError(errno.EINVAL, "not a symlink")
-        if node.in_upper and self.upper is not None:
-            parent_fd, name = self.upper.parent_and_name(self.upper_path(node))
-        else:
-            top = node.lower[0]
-            parent_fd, name = top.layer.parent_and_name(top.path)
+        parent_fd, name = self.top_location(node)
+        assert name is not None  # only the root has no name, and it is a directory
         return safeio.readlink(parent_fd, name)
 
     def top_location(self, node: Node) -> tuple[int, bytes | None]:
