@@ -117,7 +117,11 @@ def _digest(data: bytes) -> str:
 def scan(mountpoint: Path, known: Iterable[str] = ()) -> tuple[Model, list[str]]:
     """The merged view as a model, plus problems (temp names, unknown types). ``known`` tags
     are recognized by digest too (a file shorter than its tag cannot name it)."""
-    by_digest = {_digest(content(tag)): tag for tag in known if ":" in tag and tag[-2:] != ":0"}
+    by_digest = {
+        _digest(content(tag)): tag
+        for tag in known
+        if ":" in tag and tag[-2:] != ":0" and not tag.startswith("CORRUPT")
+    }
     found: Model = {}
     problems: list[str] = []
     for directory, dirnames, filenames in os.walk(mountpoint):
@@ -583,6 +587,7 @@ class CrashLoop:
             )
 
     def run(self, kills: int, per_upper: int = 10, progress: bool = False) -> Figures:
+        reported = 0
         for number in range(1, kills + 1):
             if number > 1 and (number - 1) % per_upper == 0:
                 shutil.rmtree(self.upper)
@@ -591,8 +596,9 @@ class CrashLoop:
             self.one_kill(number)
             if progress:
                 print(f"[{number}/{kills}] {self.figures.summary()}", flush=True)
-                for failure in self.figures.failures[-3:]:
-                    print("  ", failure.splitlines()[0], flush=True)
+                for failure in self.figures.failures[reported:]:
+                    print("  ", "\n    ".join(failure.splitlines()[:25]), flush=True)
+                reported = len(self.figures.failures)
         return self.figures
 
 
