@@ -35,6 +35,7 @@ class MountConfig:
     redirect_dir: bool = True
     writeback: bool = True  # kernel write-back cache (errors such as ENOSPC surface at close)
     metacopy: bool = True  # chmod/chown/utimes/xattrs/rename copy metadata only
+    index: bool = True  # record copied-up lower hard links in WORKDIR/index (kernel index=on)
     warnings: list[str] = field(default_factory=list)
 
     @property

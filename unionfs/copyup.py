@@ -27,6 +27,7 @@ from unionfs.workdir import WorkDir
 THREAD_THRESHOLD = 1 << 20  # files bigger than this are copied off the event loop
 FULL, METADATA, EMPTY = "full", "metadata", "empty"  # what a copy-up must bring up
 RunInThread = Callable[[Callable[[], int]], Awaitable[int]]
+Indexed = tuple[bytes, int]  # (origin record, merged link count minus the upper count)
 
 
 def _mode_for_copy(st: os.stat_result, *, owner_kept: bool) -> int:
@@ -168,7 +169,11 @@ class CopyUp:
         source_dir_fd, source_name = source.layer.parent_and_name(source.path)
         st = safeio.lstat(source_dir_fd, source_name)
         metacopy = False
+        indexed: Indexed | None = None
         if stat.S_ISREG(st.st_mode):
+            indexed = self._index_record(node, source_dir_fd, source_name, st)
+            if indexed is not None and data == METADATA:
+                data = FULL  # an indexed copy is shared by every name: never metadata-only
             metacopy = data == METADATA and self.metacopy and st.st_size > 0
             redirect = None
             if metacopy and source.path != link_path(parent, name):
@@ -184,31 +189,51 @@ class CopyUp:
                 replace=False,
                 metacopy=metacopy,
                 redirect=redirect,
+                indexed=indexed,
             )
         else:
             self._copy_special(source_dir_fd, source_name, st, parent_fd, name)
-        node.lower_links_consumed += 1
         node.metacopy = metacopy
+        if indexed is not None:
+            node.index_name = whiteout.index_name(indexed[0])
+            node.link_difference = indexed[1]
         self._adopt_upper(node, parent, name, parent_fd)
+        self.tree.consume_lower_link(node)
         node.generation += 1
         self.copies += 1
+
+    def _index_record(
+        self, node: Node, dir_fd: int, name: bytes, st: os.stat_result
+    ) -> Indexed | None:
+        """(origin, link-count difference) for the copy of a lower file with several names,
+        when the index can record it; None for files with one name."""
+        index = self.tree.index
+        if index is None or st.st_nlink <= 1:
+            return None
+        origin = index.origin(dir_fd, name, st)
+        if origin is None:
+            return None
+        # Merged count now: the lower names not yet copied up, deleted or replaced. Upper
+        # count once only the index links the copy: 1. The difference is kept in between.
+        remaining = max(st.st_nlink, node.lower_nlink) - node.lower_links_consumed
+        return origin, remaining - 1
 
     def _link_lower_name(self, node: Node, parent: Node, name: bytes) -> None:
         """Another (lower) name of a hard-linked file that is already up: link it to the upper
         object, so every name keeps showing one inode (what kernel overlayfs's index does)."""
         self.ensure_dir(parent)
-        source_path = self.tree.upper_path(node)
+        source_fd, source_name = self.tree.upper_object(node)
         parent_fd = self.upper.dir_fd(merged_path(parent))
         os.link(
-            source_path[-1],
+            source_name,
             name,
-            src_dir_fd=self.upper.dir_fd(source_path[:-1]),
+            src_dir_fd=source_fd,
             dst_dir_fd=parent_fd,
             follow_symlinks=False,
         )
-        node.lower_links_consumed += 1
         node.links[(parent, name)] = True
         self.upper.note_entry(merged_path(parent), name, node.kind)
+        self.tree.consume_lower_link(node)
 
     async def _complete_metacopy(self, node: Node, *, empty: bool) -> None:
         """Give a metadata-only upper file its data (or none, before a truncate to zero)."""
@@ -254,9 +279,10 @@ class CopyUp:
         replace: bool,
         metacopy: bool,
         redirect: bytes | None,
+        indexed: Indexed | None = None,
     ) -> None:
         """Build a regular file off to the side (data from the lower file ``data_from``, if
-        any), then link or rename it to parent/name."""
+        any), then link or rename it to parent/name (by way of the index when ``indexed``)."""
         data_fd = None
         if data_from is not None and size:
             data_fd = safeio.open_lower_file(*data_from.layer.parent_and_name(data_from.path))
@@ -272,6 +298,7 @@ class CopyUp:
                 replace=replace,
                 metacopy=metacopy,
                 redirect=redirect,
+                indexed=indexed,
             )
         finally:
             if data_fd is not None:
@@ -290,6 +317,7 @@ class CopyUp:
         replace: bool,
         metacopy: bool,
         redirect: bytes | None,
+        indexed: Indexed | None,
     ) -> None:
         temp = self.work.temp_name()
         try:
@@ -321,9 +349,25 @@ class CopyUp:
                 os.setxattr(target_fd, self.prefix + "metacopy", b"")
                 if redirect is not None:
                     os.setxattr(target_fd, self.prefix + "redirect", redirect)
+            if indexed is not None:
+                assert self.tree.index is not None
+                self.tree.index.mark(target_fd, *indexed)
             apply_metadata(target_fd, meta_st)
             os.utime(target_fd, ns=(meta_st.st_atime_ns, meta_st.st_mtime_ns))
-            if anonymous and not replace:
+            if indexed is not None:
+                assert self.tree.index is not None
+                entry = self.tree.index.add(
+                    indexed[0], (target_fd, None) if anonymous else (self.work.fd, temp)
+                )
+                named = False
+                os.link(
+                    entry,
+                    name,
+                    src_dir_fd=self.tree.index.fd,
+                    dst_dir_fd=parent_fd,
+                    follow_symlinks=False,
+                )
+            elif anonymous and not replace:
                 safeio.link_tmpfile(target_fd, parent_fd, name)
             else:
                 if anonymous:

@@ -9,7 +9,8 @@ filesystem may reuse the number.
 
 Links: a node knows the merged names (parent node, name) it was reached by. Directories
 have exactly one. For non-directories the map says whether that name exists in the upper
-layer; the upper data of a copied-up file is reached through any upper link.
+layer; the upper data of a copied-up file is reached through any upper link, or through its
+hard-link index entry when only lower names of it are known.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Node:
     open_fds: set[int] = field(default_factory=set)  # fds of open handles (for unlinked files)
     in_upper: bool = False  # an upper object exists for this node
     metacopy: bool = False  # the upper object holds metadata only; data is in lower[0]
+    index_name: bytes | None = None  # a lower hard link copied up: its hard-link index entry
+    link_difference: int = 0  # indexed: merged link count minus the upper inode's count
 
     @property
     def is_dir(self) -> bool:

@@ -56,7 +56,7 @@ def status_document(operations: Operations) -> dict[str, Any]:
 
 
 def origin_document(operations: Operations, node: Node) -> dict[str, Any]:
-    if node.in_upper and operations.tree.upper is not None:
+    if node.in_upper and operations.tree.upper is not None and (node.is_dir or node.upper_link()):
         layer, path = operations.tree.upper, operations.tree.upper_path(node)
     elif node.lower:
         layer, path = node.lower[0].layer, node.lower[0].path

@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from unionfs.config import MountConfig
+from unionfs.index import HardLinkIndex
 from unionfs.layer import Layer
 from unionfs.operations import Operations
 from unionfs.tree import MergedTree
@@ -229,7 +230,10 @@ def prepare(config: MountConfig) -> Prepared:
         work = WorkDir(config.workdir, layers[0].device)
     if config.upper is not None and not config.writable:
         layers[0].writable = False
-    return Prepared(MergedTree(layers), work)
+    tree = MergedTree(layers)
+    if work is not None and work.index_fd is not None and config.index:
+        tree.index = HardLinkIndex(os.dup(work.index_fd), work.xattr_prefix)
+    return Prepared(tree, work)
 
 
 def fuse_options(config: MountConfig) -> set[str]:

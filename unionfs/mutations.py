@@ -218,12 +218,11 @@ class Mutations:
             raise PermissionError(errno.EPERM, "hard link to a directory")
         self._require_absent(parent, name)
         await self.copyup.ensure_file(node, data=FULL)
-        source_path = self.tree.upper_path(node)
-        source_fd = self.upper.dir_fd(source_path[:-1])
+        source_fd, source_name = self.tree.upper_object(node)
 
         def make(dir_fd: int, target: bytes) -> None:
             os.link(
-                source_path[-1],
+                source_name,
                 target,
                 src_dir_fd=source_fd,
                 dst_dir_fd=dir_fd,
@@ -246,7 +245,9 @@ class Mutations:
         resolved, node = self._resolve_existing(parent, name)
         if node.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory")
-        if resolved.in_upper:
+        if not resolved.in_upper and await self._record_lower_hard_link(node):
+            resolved, node = self._resolve_existing(parent, name)  # may be up now
+        if resolved.in_upper and node.index_name is None:
             await self._keep_upper_for_other_names(node, (parent, name))
         parent_fd = self._upper_dir(parent)
         left_whiteout = resolved.has_lower or not resolved.in_upper
@@ -264,12 +265,29 @@ class Mutations:
                     node.in_upper = False
         else:
             self._make_whiteout(parent_fd, name)
-            node.lower_links_consumed += 1
+            self.tree.consume_lower_link(node)
         node.links.pop((parent, name), None)
+        self.tree.release_index_entry(node)
         if not node.links and not node.in_upper:
             node.lower = [] if node.lower_links_consumed >= node.lower_nlink else node.lower
         self._note_removal(parent, name, whiteout_left=left_whiteout)
         return node
+
+    async def _record_lower_hard_link(self, node: Node) -> bool:
+        """Before a lower name of a file with several names goes (unlink, or replaced by a
+        rename), copy the file up into the hard-link index: the merged link count is
+        recorded there, so the other names show the right count after a remount (as kernel
+        overlayfs with index=on does)."""
+        if (
+            self.tree.index is not None
+            and not node.in_upper
+            and stat.S_ISREG(node.kind)
+            and node.lower
+            and max(node.lower_nlink - node.lower_links_consumed, 0) > 1
+        ):
+            await self.copyup.ensure_file(node, data=FULL)
+            return True
+        return False
 
     async def _keep_upper_for_other_names(self, node: Node, going: tuple[Node, bytes]) -> None:
         """Before the last upper name of a hard-linked file goes, link the upper object to one
@@ -377,6 +395,19 @@ class Mutations:
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
 
         await self.copyup.ensure_file(source, data=METADATA, via=(old_parent, old_name))
+        target_below = (
+            target is not None
+            and target_resolved is not None
+            and not target.is_dir
+            and not target_resolved.in_upper
+        )
+        if (
+            target is not None
+            and target_below
+            and not exchange
+            and await self._record_lower_hard_link(target)
+        ):
+            target_below = not target.links.get((new_parent, new_name), False)
         if exchange and target is not None:
             await self.copyup.ensure_file(target, data=METADATA, via=(new_parent, new_name))
         old_fd = self._upper_dir(old_parent)
@@ -427,8 +458,11 @@ class Mutations:
             self.tree.inodes.drop_key((replaced_st.st_dev, replaced_st.st_ino), target)
         if target is not None:
             target.links.pop((new_parent, new_name), None)
-            if target.is_dir or not any(target.links.values()):
+            if target_below:
+                self.tree.consume_lower_link(target)
+            if target.is_dir or (not any(target.links.values()) and target.index_name is None):
                 target.in_upper = False
+            self.tree.release_index_entry(target)
         self._relink(source, old_parent, old_name, new_parent, new_name)
         self._forget_moved(
             old_path, new_path, moved_dirs=source.is_dir or (target is not None and target.is_dir)
@@ -508,5 +542,7 @@ class Mutations:
     def upper_location(self, node: Node) -> tuple[int, bytes | None]:
         if node.ino == self.tree.root.ino:
             return self.upper.root_fd, None
+        if not node.is_dir:
+            return self.tree.upper_object(node)
         path = self.tree.upper_path(node)
         return self.upper.dir_fd(path[:-1]), path[-1]

@@ -64,8 +64,6 @@ IGNORED_VALUED = {
     "defcontext",
     "rootcontext",
     "xattr_permissions",
-    "index",
-    "metacopy",
     "xino",
     "nfs_export",
     "plugins",
@@ -150,6 +148,8 @@ def apply_options(config: MountConfig, options: list[str]) -> None:
             config.writeback = value not in ("0", "off", "no")
         elif key == "metacopy" and has_value:
             config.metacopy = value == "on"
+        elif key == "index" and has_value:
+            config.index = value == "on"
         elif key == "timeout" and has_value:
             try:
                 config.timeout = float(value)

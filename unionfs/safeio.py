@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Callable
@@ -29,6 +30,17 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.c_int,
+]
+_name_to_handle_at.restype = ctypes.c_int
+MAX_HANDLE_SZ = 128
+FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})
 
 
 def check_name(name: bytes) -> bytes:
@@ -174,6 +186,31 @@ def renameat2(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes, flags: i
     if result != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def file_handle(dir_fd: int, name: bytes) -> tuple[int, bytes]:
+    """(handle type, handle bytes) of ``name`` (not followed if a symlink), as
+    ``name_to_handle_at(2)`` gives them: the identity kernel overlayfs records as an origin."""
+    buffer = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
+    ctypes.c_uint.from_buffer(buffer, 0).value = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    if _name_to_handle_at(dir_fd, check_name(name), buffer, ctypes.byref(mount_id), 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    size = ctypes.c_uint.from_buffer(buffer, 0).value
+    handle_type = ctypes.c_int.from_buffer(buffer, 4).value
+    return handle_type, buffer.raw[8 : 8 + size]
+
+
+def filesystem_uuid(fd: int) -> bytes:
+    """The 16-byte UUID of the filesystem of ``fd`` (``FS_IOC_GETFSUUID``); zeros when the
+    filesystem has none or the kernel cannot tell (what the kernel itself then records)."""
+    answer = bytearray(17)
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFSUUID, answer)
+    except OSError:
+        return bytes(16)
+    return bytes(answer[1 : 1 + min(answer[0], 16)]).ljust(16, b"\0")
 
 
 def link_tmpfile(fd: int, dir_fd: int, name: bytes) -> None:

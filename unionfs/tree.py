@@ -13,6 +13,7 @@ import os
 import stat
 
 from unionfs import safeio, whiteout
+from unionfs.index import HardLinkIndex
 from unionfs.inodes import InodeTable, Node, link_path, merged_path
 from unionfs.layer import Layer
 from unionfs.stack import Resolved, Source, Stack
@@ -25,6 +26,7 @@ class MergedTree:
         self.stack = Stack(layers)
         self.upper: Layer | None = self.stack.upper
         self.inodes = InodeTable(self.stack.root_sources(), root_in_upper=self.upper is not None)
+        self.index: HardLinkIndex | None = None  # set by the mount when it writes an index
 
     @property
     def root(self) -> Node:
@@ -33,6 +35,8 @@ class MergedTree:
     def close(self) -> None:
         for layer in self.stack.layers:
             layer.close()
+        if self.index is not None:
+            self.index.close()
 
     # sources -------------------------------------------------------------------------
     def dir_sources(self, node: Node) -> list[Source]:
@@ -54,6 +58,17 @@ class MergedTree:
             raise FileNotFoundError(errno.ENOENT, "no upper object")
         return link_path(*link)
 
+    def upper_object(self, node: Node) -> tuple[int, bytes]:
+        """(directory fd, name) of a non-directory's upper object: one of its upper names,
+        else its hard-link index entry (only lower names of it are known)."""
+        assert self.upper is not None
+        link = node.upper_link()
+        if link is not None:
+            return self.upper.parent_and_name(link_path(*link))
+        if node.index_name is not None and self.index is not None:
+            return self.index.fd, node.index_name
+        raise FileNotFoundError(errno.ENOENT, "no upper object")
+
     # lookup --------------------------------------------------------------------------
     def resolve(self, parent: Node, name: bytes) -> Resolved | None:
         return self.stack.resolve(self.dir_sources(parent), name)
@@ -74,6 +89,8 @@ class MergedTree:
         if node is not None and node.kind != resolved.kind:
             self.inodes.drop_key(key, node)
             node = None
+        if node is None and not resolved.in_upper and self._may_be_indexed(st):
+            node = self._adopt_indexed(top, st, key, lower)
         if node is None:
             node = self.inodes.new_node(key, resolved.kind, lower)
             node.in_upper = resolved.in_upper
@@ -81,6 +98,8 @@ class MergedTree:
                 node.lower_nlink = st.st_nlink
             elif resolved.in_upper and stat.S_ISREG(st.st_mode):
                 self._find_metacopy_data(node, parent, name, st)
+                if st.st_nlink > 1 and self.index is not None and self.index.names:
+                    self._find_index_entry(node, parent, name, st)
         if node.is_dir:
             node.lower = lower
             node.in_upper = resolved.in_upper
@@ -96,6 +115,87 @@ class MergedTree:
             # A lower hard link of a file already copied up shows the upper copy.
             st = self.stat(node)
         return node, st
+
+    # the hard-link index -------------------------------------------------------------
+    def _may_be_indexed(self, st: os.stat_result) -> bool:
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_nlink > 1
+            and self.index is not None
+            and bool(self.index.names)
+        )
+
+    def _adopt_indexed(
+        self, top: Source, st: os.stat_result, key: tuple[int, int], lower: list[Source]
+    ) -> Node | None:
+        """A lower hard link whose inode was copied up through another name (index entry):
+        the node of that copy, found again after a remount."""
+        assert self.index is not None
+        dir_fd, name = top.layer.parent_and_name(top.path)
+        origin = self.index.origin(dir_fd, name, st)
+        found = self.index.find(origin) if origin is not None else None
+        if found is None:
+            return None
+        index_name, index_st = found
+        index_key = (index_st.st_dev, index_st.st_ino)
+        node = self.inodes.node_for_key(index_key)
+        if node is None or node.is_dir:
+            node = self.inodes.new_node(index_key, stat.S_IFREG, lower)
+            node.in_upper = True
+            node.link_difference = self.index.link_difference(
+                self.index.fd, index_name, index_st, st.st_nlink
+            )
+            if index_st.st_size and any(
+                attribute in whiteout.METACOPY_XATTRS
+                for attribute in safeio.list_xattrs(self.index.fd, index_name)
+            ):
+                node.metacopy = True  # (the kernel's): the data is the origin, this inode
+                node.lower = [top]
+        node.index_name = index_name
+        if not node.lower:
+            node.lower = lower
+        node.lower_nlink = max(node.lower_nlink, st.st_nlink)
+        self.inodes.alias(key, node)
+        return node
+
+    def _find_index_entry(self, node: Node, parent: Node, name: bytes, st: os.stat_result) -> None:
+        """An upper file that is an indexed copy: take its merged link count record."""
+        assert self.upper is not None and self.index is not None
+        dir_fd, entry = self.upper.parent_and_name(link_path(parent, name))
+        index_name = self.index.upper_entry_name(dir_fd, entry)
+        if index_name is not None:
+            node.index_name = index_name
+            node.link_difference = self.index.link_difference(dir_fd, entry, st, st.st_nlink)
+
+    def consume_lower_link(self, node: Node) -> None:
+        """One lower name of ``node`` stops showing it from below (copied up, linked up,
+        whited out or replaced); an indexed file records its new merged link count."""
+        node.lower_links_consumed += 1
+        if node.index_name is not None and node.in_upper:
+            node.link_difference -= 1
+            self.save_link_difference(node)
+
+    def save_link_difference(self, node: Node) -> None:
+        assert self.index is not None
+        dir_fd, name = self.upper_object(node)
+        self.index.set_link_difference(dir_fd, name, node.link_difference)
+
+    def release_index_entry(self, node: Node) -> None:
+        """After a name of an indexed file went: when it has no name left at all, remove
+        the index entry (its data would otherwise live on, unreachable)."""
+        if node.index_name is None or self.index is None:
+            return
+        try:
+            st = safeio.lstat(*self.upper_object(node))
+        except FileNotFoundError:
+            return
+        if st.st_nlink + node.link_difference > 0:
+            return
+        self.index.remove(node.index_name)
+        self.inodes.drop_key((st.st_dev, st.st_ino), node)
+        node.index_name = None
+        if node.upper_link() is None:
+            node.in_upper = False
 
     def _find_metacopy_data(
         self, node: Node, parent: Node, name: bytes, st: os.stat_result
@@ -129,7 +229,9 @@ class MergedTree:
     def stat(self, node: Node) -> os.stat_result:
         if node.in_upper and self.upper is not None:
             try:
-                return self.upper.lstat(self.upper_path(node))
+                if node.is_dir:
+                    return self.upper.lstat(self.upper_path(node))
+                return safeio.lstat(*self.upper_object(node))
             except FileNotFoundError:
                 if not node.open_fds:
                     raise
@@ -143,6 +245,8 @@ class MergedTree:
     def nlink(self, node: Node, st: os.stat_result) -> int:
         if node.is_dir:
             return 1 if len(node.lower) + int(node.in_upper) > 1 else st.st_nlink
+        if node.index_name is not None and node.in_upper:
+            return max(st.st_nlink + node.link_difference, 1)
         remaining_lower = max(node.lower_nlink - node.lower_links_consumed, 0) if node.lower else 0
         if node.in_upper:
             return st.st_nlink + remaining_lower
@@ -152,7 +256,7 @@ class MergedTree:
     def open_for_read(self, node: Node) -> int:
         """An fd on the node's current data (upper copy if any, else the top lower file)."""
         if node.in_upper and self.upper is not None and not node.metacopy:
-            parent_fd, name = self.upper.parent_and_name(self.upper_path(node))
+            parent_fd, name = self.upper_object(node)
             return safeio.open_file(parent_fd, name, os.O_RDONLY)
         if not node.lower:
             raise FileNotFoundError(errno.ENOENT, "node is gone")
@@ -174,7 +278,9 @@ class MergedTree:
             layer = self.upper if self.upper is not None else node.lower[0].layer
             return layer.root_fd, None
         if node.in_upper and self.upper is not None:
-            return self.upper.parent_and_name(self.upper_path(node))
+            if node.is_dir:
+                return self.upper.parent_and_name(self.upper_path(node))
+            return self.upper_object(node)
         if not node.lower:
             for fd in node.open_fds:
                 return fd, None  # unlinked while open: the open file itself

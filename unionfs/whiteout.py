@@ -113,3 +113,49 @@ def parse_redirect(value: bytes | None) -> tuple[bool, tuple[bytes, ...]] | None
 
 def encode_redirect(path: tuple[bytes, ...]) -> bytes:
     return b"/" + b"/".join(path)
+
+
+# Hard links copied up (kernel ``index=on``): the upper inode carries ``overlay.origin``, the
+# file handle of the lower inode it was copied from (struct ovl_fb: version 0, magic 0xfb,
+# length, flags, handle type, the lower filesystem's UUID, the handle bytes), and is also
+# linked as ``WORKDIR/index/<hex of that handle>``, so that every other lower name of the
+# same inode finds it. ``overlay.nlink`` keeps the merged link count: "U+N"/"U-N" relative
+# to the upper inode's link count, or "L+N"/"L-N" relative to the lower inode's.
+ORIGIN_XATTRS = (TRUSTED_PREFIX + "origin", USER_PREFIX + "origin")
+NLINK_XATTRS = (TRUSTED_PREFIX + "nlink", USER_PREFIX + "nlink")
+_FH_VERSION = 0
+_FH_MAGIC = 0xFB
+_FH_HEADER = 21  # version, magic, len, flags, type + 16-byte uuid
+_FH_FLAG_BIG_ENDIAN = 1
+
+
+def encode_origin(handle_type: int, handle: bytes, uuid: bytes, *, big_endian: bool) -> bytes:
+    """The ``overlay.origin`` value (and, in hex, the index name) of a lower inode."""
+    if len(uuid) != 16 or not 0 <= handle_type <= 255 or _FH_HEADER + len(handle) > 255:
+        raise ValueError("file handle does not fit an overlay origin")
+    flags = _FH_FLAG_BIG_ENDIAN if big_endian else 0
+    header = bytes((_FH_VERSION, _FH_MAGIC, _FH_HEADER + len(handle), flags, handle_type))
+    return header + uuid + handle
+
+
+def index_name(origin: bytes) -> bytes:
+    return origin.hex().encode()
+
+
+def parse_nlink(value: bytes | None) -> tuple[str, int] | None:
+    """``overlay.nlink`` as (base, difference): base "U" (upper) or "L" (lower); None if
+    missing or malformed (the kernel then uses the upper inode's count)."""
+    if not value:
+        return None
+    text = value.rstrip(b"\0").decode("ascii", errors="replace")
+    if len(text) < 3 or text[0] not in "UL" or text[1] not in "+-":
+        return None
+    try:
+        return text[0], int(text[1:])
+    except ValueError:
+        return None
+
+
+def encode_nlink(upper_difference: int) -> bytes:
+    """The ``overlay.nlink`` value for a merged count of upper link count + difference."""
+    return b"U%+d" % upper_difference

@@ -3,7 +3,8 @@
 Copy-ups and replacements are built here under temporary names and then renamed into the
 upper layer, so no one can ever see a half-made object. Its subdirectory ``work`` is the
 one kernel overlayfs uses for the same purpose (and empties at mount), so the two stay
-compatible. Leftovers from a crash are removed when a mount starts.
+compatible. Leftovers from a crash are removed when a mount starts. Its subdirectory
+``index`` holds the hard-link index (see ``index``), also where the kernel keeps it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from unionfs import safeio, whiteout
 
 WORK_NAME = b"work"
+INDEX_NAME = b"index"
 TEMP_PREFIX = b"#unionfs."
 
 
@@ -31,11 +33,22 @@ class WorkDir:
             except FileExistsError:
                 pass
             self.fd = safeio.open_dir(base_fd, WORK_NAME)
+            self.index_fd = self._open_index(base_fd)
         finally:
             os.close(base_fd)
         self._counter = itertools.count()
         self.clean()
         self.xattr_prefix = self._probe_xattr_prefix()
+
+    @staticmethod
+    def _open_index(base_fd: int) -> int | None:
+        """The index directory (made if missing); None when it cannot be used."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(INDEX_NAME, 0o700, dir_fd=base_fd)
+        try:
+            return safeio.open_dir(base_fd, INDEX_NAME)
+        except OSError:
+            return None
 
     def _probe_xattr_prefix(self) -> str:
         """``trusted.overlay.`` where the kernel lets us write trusted xattrs, else
@@ -63,3 +76,5 @@ class WorkDir:
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.index_fd is not None:
+            os.close(self.index_fd)

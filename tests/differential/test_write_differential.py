@@ -57,20 +57,7 @@ pytestmark = [pytest.mark.root, pytest.mark.usefixtures("require_overlay")]
 #: Scenarios the system under test is known to get wrong: name -> reason (xfail strict, so a fix
 #: shows up as XPASS and the entry must then be removed). Nothing here is a deliberate difference:
 #: those are in compare.ALLOWED_DIFFERENCES.
-_HARDLINK_UPPER = (
-    "a lower hard-link pair copied up through one name is not recorded on disk: unionfs's upper "
-    "holds only that name (nlink 1, no index), so unionfs itself remounted over its upper (and "
-    "kernel overlayfs over it) shows the other name with the old lower content and unlinked; "
-    "unionfs over the kernel's upper ignores the kernel's index/nlink records (st_nlink differs)"
-)
-_UNIONFS_KNOWN: dict[str, str] = {
-    "round trip: chmod through one name of a lower hard-link pair, then unlink the other name": (
-        _HARDLINK_UPPER
-    ),
-    "round trip: hard links survive copy-up": _HARDLINK_UPPER,
-    "round trip: unlink one name of a lower hard-link pair": _HARDLINK_UPPER,
-    "round trip: rename both names of a lower hard-link pair": _HARDLINK_UPPER,
-}
+_UNIONFS_KNOWN: dict[str, str] = {}
 KNOWN_FAILURES: dict[str, dict[str, str]] = {
     "unionfs": _UNIONFS_KNOWN,
     "kernel": {},

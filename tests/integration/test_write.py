@@ -226,6 +226,111 @@ def test_hard_links_survive_copy_up(tmp_layers: TmpLayers, tmp_path: Path,
         assert (mnt / "a").stat().st_nlink == 3
 
 
+ORIGIN_XATTR = "trusted.overlay.origin" if os.geteuid() == 0 else "user.overlay.origin"
+NLINK_XATTR = "trusted.overlay.nlink" if os.geteuid() == 0 else "user.overlay.nlink"
+
+
+def test_hard_links_copied_up_stay_one_file_after_remount(tmp_layers: TmpLayers, tmp_path: Path,
+                                                           mountpoint: Path) -> None:
+    """The copy of a lower file with three names is recorded in WORKDIR/index (kernel format):
+    after a remount the names never copied up show the new data, one inode and the count."""
+    layers = tmp_layers({"a": "old", "dir": DIR, "c": "other"})
+    os.link(layers[0] / "a", layers[0] / "dir/b")
+    os.link(layers[0] / "a", layers[0] / "c2")
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        (mnt / "a").write_text("new")
+        assert (mnt / "dir/b").read_text() == "new" and (mnt / "a").stat().st_nlink == 3
+    index = tmp_path / "work/index"
+    entries = os.listdir(index)
+    assert len(entries) == 1, entries
+    entry = index / entries[0]
+    assert entry.stat().st_ino == (upper / "a").stat().st_ino, "index and upper name differ"
+    assert os.getxattr(entry, ORIGIN_XATTR).hex() == entries[0]
+    assert os.getxattr(entry, NLINK_XATTR) == b"U+1"  # 2 upper links, 3 names
+    assert not (upper / "dir/b").exists() and not (upper / "c2").exists()
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        names = [mnt / "a", mnt / "dir/b", mnt / "c2"]
+        assert [path.read_text() for path in names] == ["new"] * 3
+        assert len({path.stat().st_ino for path in names}) == 1
+        assert [path.stat().st_nlink for path in names] == [3, 3, 3]
+        (mnt / "dir/b").write_text("newer")  # through a name that is only in the index
+        assert (mnt / "c2").read_text() == "newer"
+
+
+def test_hard_link_count_is_kept_across_remounts(tmp_layers: TmpLayers, tmp_path: Path,
+                                                 mountpoint: Path) -> None:
+    """Unlinking or renaming lower names of a hard-linked file: the merged count is recorded,
+    and the index entry goes with the last name."""
+    layers = tmp_layers({"a": "data", "keep": "k"})
+    for name in ("b", "c", "d"):
+        os.link(layers[0] / "a", layers[0] / name)
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        os.unlink(mnt / "b")  # a lower name only: recorded through the index
+        os.rename(mnt / "c", mnt / "c-moved")
+        assert (mnt / "a").stat().st_nlink == 3
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        assert not (mnt / "b").exists()
+        assert {(mnt / name).stat().st_nlink for name in ("a", "c-moved", "d")} == {3}
+        assert (mnt / "d").stat().st_ino == (mnt / "c-moved").stat().st_ino
+        os.unlink(mnt / "a")
+        os.unlink(mnt / "d")
+        assert (mnt / "c-moved").stat().st_nlink == 1
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        assert (mnt / "c-moved").stat().st_nlink == 1
+        assert (mnt / "c-moved").read_text() == "data"
+        os.unlink(mnt / "c-moved")
+        assert sorted(os.listdir(mnt)) == ["keep"]
+    assert os.listdir(tmp_path / "work/index") == [], "the index entry outlived its names"
+
+
+def test_orphaned_index_entries_are_removed_at_mount(tmp_layers: TmpLayers, tmp_path: Path,
+                                                     mountpoint: Path) -> None:
+    """A crash after the last name of an indexed file went but before its index entry did:
+    the next mount removes the entry (only the index links it, its merged count is 0)."""
+    layers = tmp_layers({"a": "data"})
+    os.link(layers[0] / "a", layers[0] / "b")
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        (mnt / "a").write_text("new")
+    index = tmp_path / "work/index"
+    (entry,) = index.iterdir()
+    lonely = index / ("00fb" + "1" * 52)
+    lonely.write_bytes(b"x")
+    os.setxattr(lonely, NLINK_XATTR, b"U-1")
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        assert (mnt / "b").read_text() == "new"
+    assert os.listdir(index) == [entry.name]
+
+
+def test_index_off_writes_no_index(tmp_layers: TmpLayers, tmp_path: Path,
+                                   mountpoint: Path) -> None:
+    layers = tmp_layers({"a": "old"})
+    os.link(layers[0] / "a", layers[0] / "b")
+    with writable(layers, tmp_path, mountpoint, extra_args=("-o", "index=off")) as (mnt, upper):
+        (mnt / "a").write_text("new")
+        assert (mnt / "b").read_text() == "new", "within one mount the names stay one file"
+    assert os.listdir(tmp_path / "work/index") == []
+    assert ORIGIN_XATTR not in os.listxattr(upper / "a")
+
+
+@pytest.mark.root
+def test_kernel_sees_our_hard_link_index(tmp_layers: TmpLayers, tmp_path: Path,
+                                         mountpoint: Path) -> None:
+    layers = tmp_layers({"a": "old"})
+    os.link(layers[0] / "a", layers[0] / "b")
+    os.link(layers[0] / "a", layers[0] / "c")
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        (mnt / "a").write_text("new")
+        os.unlink(mnt / "c")
+    kernel = tmp_path / "kernel"
+    kernel.mkdir()
+    with overlay_mounted(layers, kernel, upper=tmp_path / "upper", workdir=tmp_path / "work",
+                         options=KERNEL_OPTIONS):
+        assert (kernel / "b").read_text() == "new"
+        assert (kernel / "b").stat().st_ino == (kernel / "a").stat().st_ino
+        assert (kernel / "b").stat().st_nlink == 2
+        assert not (kernel / "c").exists()
+
+
 def test_reader_sees_copy_up_by_another_writer(tmp_layers: TmpLayers, tmp_path: Path,
                                                mountpoint: Path) -> None:
     layers = tmp_layers({"f": "before"})

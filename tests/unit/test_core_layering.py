@@ -12,7 +12,7 @@ PACKAGE = Path(unionfs.__file__).parent
 FUSE_AWARE = {"operations", "mount", "attrs"}
 # Lower modules never import higher ones (a module may import any module listed after it).
 ORDER = ["cli", "commands", "mount", "operations", "introspection", "mutations", "copyup",
-         "tree", "inodes", "stack", "layer", "workdir", "safeio", "whiteout"]
+         "tree", "index", "inodes", "stack", "layer", "workdir", "safeio", "whiteout"]
 
 
 def imports(module: str) -> set[str]:
