@@ -71,3 +71,48 @@ def test_parse_redirect(value: bytes | None, parsed: object) -> None:
 def test_redirect_round_trip() -> None:
     path = (b"usr", b"lib", b"python3")
     assert whiteout.parse_redirect(whiteout.encode_redirect(path)) == (True, path)
+
+
+def test_origin_is_the_kernel_ovl_fb_layout() -> None:
+    # What Linux 6.18 wrote for an ext4 lower (null UUID) with a FILEID_INO32_GEN handle.
+    handle = bytes.fromhex("03a0210027217d5a")
+    origin = whiteout.encode_origin(1, handle, bytes(16), big_endian=False)
+    assert origin.hex() == "00fb1d0001" + "00" * 16 + "03a0210027217d5a"
+    assert whiteout.index_name(origin) == origin.hex().encode()
+    uuid = bytes(range(16))
+    assert whiteout.encode_origin(1, handle, uuid, big_endian=True)[3] == 1
+    assert whiteout.encode_origin(1, handle, uuid, big_endian=False)[5:21] == uuid
+
+
+@pytest.mark.parametrize(
+    ("handle_type", "handle", "uuid"),
+    [(1, b"x" * 240, bytes(16)), (300, b"x", bytes(16)), (1, b"x", b"short")],
+)
+def test_origin_refuses_what_does_not_fit(handle_type: int, handle: bytes, uuid: bytes) -> None:
+    with pytest.raises(ValueError):
+        whiteout.encode_origin(handle_type, handle, uuid, big_endian=False)
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        (b"U+0", ("U", 0)),
+        (b"U-1", ("U", -1)),
+        (b"L+2\0", ("L", 2)),
+        (b"U+12", ("U", 12)),
+        (b"", None),
+        (None, None),
+        (b"X+1", None),
+        (b"U1", None),
+        (b"U+", None),
+        (b"U+x", None),
+    ],
+)
+def test_nlink_records(value: bytes | None, parsed: tuple[str, int] | None) -> None:
+    assert whiteout.parse_nlink(value) == parsed
+
+
+def test_nlink_record_round_trip() -> None:
+    for difference in (-3, -1, 0, 1, 7):
+        assert whiteout.parse_nlink(whiteout.encode_nlink(difference)) == ("U", difference)
+    assert whiteout.encode_nlink(0) == b"U+0"
