@@ -25,13 +25,40 @@ from unionfs.stack import Source
 ROOT_INODE = 1  # FUSE_ROOT_ID: the kernel's fixed inode number of a FUSE mount's root
 
 
+class LinkMap(dict[tuple["Node", bytes], bool]):
+    """A node's links, (parent, name) -> in upper, that keep each parent's count of the
+    links naming it as parent (``Node.children``): a directory is forgotten only when no
+    remembered node is reached through it."""
+
+    def __setitem__(self, link: tuple[Node, bytes], in_upper: bool) -> None:
+        if link not in self:
+            link[0].children += 1
+        super().__setitem__(link, in_upper)
+
+    def __delitem__(self, link: tuple[Node, bytes]) -> None:
+        super().__delitem__(link)
+        link[0].children -= 1
+
+    def pop(self, link: tuple[Node, bytes], default: bool | None = None) -> bool | None:  # type: ignore[override]
+        if link not in self:
+            return default
+        in_upper = self[link]
+        del self[link]
+        return in_upper
+
+    def clear(self) -> None:
+        for link in list(self):
+            del self[link]
+
+
 @dataclass(eq=False, slots=True)
 class Node:
     ino: int
     kind: int
     lower: list[Source]  # lower sources, top first (directories: every merged lower dir)
-    links: dict[tuple[Node, bytes], bool] = field(default_factory=dict)  # link -> in upper
+    links: LinkMap = field(default_factory=LinkMap)  # (parent, name) -> in upper
     lookups: int = 0
+    children: int = 0  # links of remembered nodes that name this node as their parent
     generation: int = 0  # bumped on copy-up so open handles switch to the upper copy
     lower_nlink: int = 0  # names the lower object had (hard links)
     lower_links_consumed: int = 0  # of those, names since copied up or deleted
@@ -138,16 +165,30 @@ class InodeTable:
             del self.keys[key]
 
     def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped ``count`` references: forget the node once nothing needs it
+        (its number stays reserved for its key, so it comes back with the same st_ino)."""
         node = self.nodes.get(ino)
         if node is None or ino == ROOT_INODE:
             return
         node.lookups -= count
-        # A node whose lower hard links were partly copied up or deleted holds state that
-        # cannot be read back from the layers: keep it for the life of the mount.
-        if (
-            node.lookups <= 0
+        pending = [node]
+        while pending:
+            node = pending.pop()
+            if not self._unused(node):
+                continue
+            del self.nodes[node.ino]
+            parents = [parent for parent, _name in node.links]
+            node.links.clear()
+            pending.extend(parents)
+
+    def _unused(self, node: Node) -> bool:
+        return (
+            node.ino != ROOT_INODE
+            and self.nodes.get(node.ino) is node
+            and node.lookups <= 0
             and not node.open_fds
-            and not node.links
-            and not node.lower_links_consumed
-        ):
-            del self.nodes[ino]
+            and node.children <= 0
+            # Lower hard links partly copied up or deleted without an index: that state
+            # cannot be read back from the layers, keep it for the life of the mount.
+            and not (node.lower_links_consumed and node.lower_nlink > 1 and node.index_name is None)
+        )
