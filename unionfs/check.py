@@ -7,6 +7,9 @@ reports:
 
 - ``orphan``: anything in ``WORKDIR/work`` (temporary copy-ups, half-made directories and
   whiteouts named ``#unionfs.*``); the work area is private scratch, so repair removes it.
+- ``orphan-index``: an entry of the hard-link index ``WORKDIR/index`` that no name uses any
+  more (only the index links it and its recorded merged link count is 0: a crash after the
+  last name went); repair removes it, as the next mount would.
 - ``malformed-whiteout``: a ``.wh.NAME`` that is not an empty regular file, or whose target
   is no name at all (``.wh.``, ``.wh..``, ``.wh...``, ...); reported, not repaired (it may be
   user data from a foreign tool).
@@ -50,6 +53,7 @@ from unionfs import safeio, whiteout
 from unionfs.safeio import RelPath
 
 WORK_NAME = b"work"
+INDEX_NAME = b"index"
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,45 @@ class _Checker:
                     )
             finally:
                 os.close(work_fd)
+        finally:
+            os.close(base_fd)
+
+    def check_index(self, workdir: Path) -> None:
+        try:
+            base_fd = safeio.open_root(str(workdir))
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                index_fd = safeio.open_dir(base_fd, INDEX_NAME)
+            except (FileNotFoundError, PermissionError):
+                return
+            try:
+                for name, _kind in sorted(safeio.list_dir(index_fd)):
+                    st = safeio.try_lstat(index_fd, name)
+                    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                        continue
+                    records = [
+                        whiteout.parse_nlink(safeio.get_xattr(index_fd, name, attribute))
+                        for attribute in whiteout.NLINK_XATTRS
+                    ]
+                    if not any(
+                        record is not None and record[0] == "U" and 1 + record[1] <= 0
+                        for record in records
+                    ):
+                        continue
+
+                    def fix(name: bytes = name) -> None:
+                        os.unlink(name, dir_fd=index_fd)
+
+                    self.problem(
+                        "orphan-index",
+                        "index/" + repr(name)[2:-1],
+                        "hard-link index entry no name uses any more",
+                        fix,
+                    )
+            finally:
+                os.close(index_fd)
         finally:
             os.close(base_fd)
 
@@ -461,6 +504,7 @@ def check_upper(
         checker = _Checker(report, repair, lower_fds)
         if workdir is not None:
             checker.check_work(Path(workdir))
+            checker.check_index(Path(workdir))
         try:
             checker.walk(root_fd)
         except OSError as error:

@@ -62,6 +62,29 @@ def test_orphans_in_work_are_removed(tmp_path: Path) -> None:
     assert check_upper(upper, workdir, [lower], repair=False).ok
 
 
+def test_orphaned_hard_link_index_entries_are_removed(tmp_path: Path) -> None:
+    lower, upper, workdir = _layout(tmp_path)
+    index = workdir / "index"
+    index.mkdir()
+    nlink = "trusted.overlay.nlink" if os.geteuid() == 0 else "user.overlay.nlink"
+    orphan = index / ("00fb" + "1" * 52)
+    orphan.write_text("no name left")
+    os.setxattr(orphan, nlink, b"U-1")
+    kept = index / ("00fb" + "2" * 52)  # a lower name still shows it: merged count 1
+    kept.write_text("index-only alias")
+    os.setxattr(kept, nlink, b"U+0")
+    linked = index / ("00fb" + "3" * 52)
+    linked.write_text("up")
+    os.link(linked, upper / "file")
+    os.setxattr(linked, nlink, b"U-1")
+    report = check_upper(upper, workdir, [lower], repair=False)
+    assert _kinds(report) == [("orphan-index", "index/" + orphan.name)], format_report(report)
+    assert report.only_repairable
+    report = check_upper(upper, workdir, [lower], repair=True)
+    assert sorted(os.listdir(index)) == [kept.name, linked.name]
+    assert check_upper(upper, workdir, [lower], repair=False).ok
+
+
 @pytest.mark.root
 def test_real_devices_are_not_whiteouts(tmp_path: Path) -> None:
     lower, upper, workdir = _layout(tmp_path)
