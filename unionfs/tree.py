@@ -139,7 +139,10 @@ class MergedTree:
         index_name, index_st = found
         index_key = (index_st.st_dev, index_st.st_ino)
         node = self.inodes.node_for_key(index_key)
-        if node is None or node.is_dir:
+        if node is not None and node.kind != stat.S_IFREG:
+            self.inodes.drop_key(index_key, node)  # a number reused since: not that node
+            node = None
+        if node is None:
             node = self.inodes.new_node(index_key, stat.S_IFREG, lower)
             node.in_upper = True
             node.link_difference = self.index.link_difference(
