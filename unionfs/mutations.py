@@ -269,9 +269,16 @@ class Mutations:
         node.links.pop((parent, name), None)
         self.tree.release_index_entry(node)
         if not node.links and not node.in_upper:
-            node.lower = [] if node.lower_links_consumed >= node.lower_nlink else node.lower
+            self._forget_lower_when_gone(node)
         self._note_removal(parent, name, whiteout_left=left_whiteout)
         return node
+
+    @staticmethod
+    def _forget_lower_when_gone(node: Node) -> None:
+        """A file with no name left keeps its lower data only while other lower names of it
+        may still show it."""
+        if node.is_dir or node.lower_links_consumed >= node.lower_nlink:
+            node.lower = []
 
     async def _record_lower_hard_link(self, node: Node) -> bool:
         """Before a lower name of a file with several names goes (unlink, or replaced by a
@@ -463,6 +470,9 @@ class Mutations:
             if target.is_dir or (not any(target.links.values()) and target.index_name is None):
                 target.in_upper = False
             self.tree.release_index_entry(target)
+            if not target.links and not target.in_upper:
+                # No name left: an fd still open on it sees the file itself (detached).
+                self._forget_lower_when_gone(target)
         self._relink(source, old_parent, old_name, new_parent, new_name)
         self._forget_moved(
             old_path, new_path, moved_dirs=source.is_dir or (target is not None and target.is_dir)

@@ -46,19 +46,51 @@ def boundary(
 ) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn every failure of a handler into an errno reply."""
 
+    name = handler.__name__
+
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        tracing = log.isEnabledFor(logging.DEBUG)  # --debug: one line per request
         try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            result = await handler(*args, **kwargs)
+        except pyfuse3.FUSEError as error:
+            if tracing:
+                log.debug("%s%s -> errno %s", name, _brief(args[1:]), error.errno)
             raise
         except OSError as error:
+            if tracing:
+                log.debug("%s%s -> %s", name, _brief(args[1:]), error)
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         except Exception:
-            log.exception("internal error in %s", handler.__name__)
+            log.exception("internal error in %s", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        if tracing:
+            log.debug("%s%s -> %s", name, _brief(args[1:]), _brief_result(result))
+        return result
 
     return wrapper
+
+
+def _brief(args: tuple[object, ...]) -> str:
+    shown = []
+    for arg in args:
+        if isinstance(arg, bytes) and len(arg) > 64:
+            shown.append(f"<{len(arg)} bytes>")
+        elif isinstance(arg, (int, bytes, str)):
+            shown.append(repr(arg))
+    return "(" + ", ".join(shown) + ")"
+
+
+def _brief_result(result: object) -> str:
+    if isinstance(result, pyfuse3.EntryAttributes):
+        return f"ino={result.st_ino} size={result.st_size} mode={result.st_mode:o}"
+    if isinstance(result, tuple):
+        return " ".join(_brief_result(item) for item in result)
+    if isinstance(result, pyfuse3.FileInfo):
+        return f"fh={result.fh}"
+    if isinstance(result, bytes):
+        return f"<{len(result)} bytes>"
+    return repr(result)
 
 
 async def run_in_thread(function: Callable[[], int]) -> int:
@@ -276,7 +308,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def flush(self, fh: int) -> None:
-        raise pyfuse3.FUSEError(errno.ENOSYS)  # nothing to do at close: stop asking
+        self.handles.file(fh)  # nothing to do: data goes straight to the upper file
 
     @boundary
     async def release(self, fh: int) -> None:

@@ -47,9 +47,14 @@ LOWER_SIZES = [0, 100, 4096, 70_000, 300_000, 1_200_000, 2_500_000, 6_000_000]
 NEW_SIZES = [0, 17, 5000, 200_000, 1_500_000]
 LOWER_DIRS = 4
 EMPTY_LOWER_DIRS = 3
-LOWER_NAMES = [f"f{index}" for index in range(len(LOWER_SIZES))] + [
-    f"d{d}/g{index}" for d in range(LOWER_DIRS) for index in range(3)
-]
+# Lower hard links (name -> the name it is a link of): copying one up goes through the
+# hard-link index, and every name must keep showing the one file across kills.
+LOWER_HARD_LINKS = {"f8": "f1", "d1/h": "f1", "d2/h": "f5"}
+LOWER_NAMES = (
+    [f"f{index}" for index in range(len(LOWER_SIZES))]
+    + [f"d{d}/g{index}" for d in range(LOWER_DIRS) for index in range(3)]
+    + list(LOWER_HARD_LINKS)
+)
 DEAD_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV}
 
 
@@ -107,6 +112,9 @@ def make_lower(lower: Path) -> Model:
         model[f"e{e}"] = {"t": "d"}
     for path in lower.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
+    for name, existing in LOWER_HARD_LINKS.items():
+        os.link(lower / existing, lower / name)
+        model[name] = dict(model[existing])
     return model
 
 
@@ -569,6 +577,9 @@ class CrashLoop:
                     f"kill {number}: state is neither before nor after {pending}"
                     f" (lost {lost[:5]}):\n" + _describe_difference(after, actual)
                 )
+                if os.environ.get("UNIONFS_CRASH_STOP"):
+                    # Keep the evidence: this upper, work dir, journal and logs stay as they are.
+                    raise SystemExit(f"stopped at the first failure: {figures.failures[-1]}")
                 self.model = actual
             # Remove partly written new files so every file holds known content again.
             if pending is not None and pending["op"] == "write_tmp":
@@ -628,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         crash = CrashLoop(
             base / f"run{args.seed}",
             args.seed,
-            extra_args=["--whiteout-format", args.whiteout_format],
+            extra_args=["--whiteout-format", args.whiteout_format]
+            + os.environ.get("UNIONFS_CRASH_DAEMON_ARGS", "").split(),
         )
         figures = crash.run(args.kills, args.per_upper, progress=True)
         print("crash-loop:", figures.summary())
