@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from unionfs import introspection, safeio, whiteout
+from unionfs import fuseconn, introspection, safeio, whiteout
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
 from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp
@@ -128,6 +128,7 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         """Called by pyfuse3 when the kernel's INIT request arrives."""
+        fuseconn.refuse_atomic_o_trunc()
         self.initialized.set()
 
     # helpers -------------------------------------------------------------------------
@@ -282,7 +283,9 @@ class Operations(pyfuse3.Operations):
         if writable:
             writer = self._writer()
             async with self.lock:
-                truncate = bool(flags & os.O_TRUNC)  # libfuse enables atomic_o_trunc
+                # O_TRUNC arrives here only if fuseconn could not turn atomic O_TRUNC off;
+                # normally the kernel strips it and sends SETATTR(size=0) after the open.
+                truncate = bool(flags & os.O_TRUNC)
                 await writer.prepare_change(node, EMPTY if truncate else FULL)
                 dir_fd, name = writer.upper_location(node)
                 assert name is not None
