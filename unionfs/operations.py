@@ -311,7 +311,14 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def flush(self, fh: int) -> None:
-        self.handles.file(fh)  # nothing to do: data goes straight to the upper file
+        """Nothing to do, but answer (never ENOSYS): this round trip is what makes close() fail
+        when the daemon has died. With the write-back cache the kernel writes a file's dirty
+        pages back at close (or earlier, in its flusher); on a dead connection it drops them
+        *without recording an error* (fs/fuse/file.c: fuse_send_writepage, "Fails on broken
+        connection only"), so close() returned 0 for data that never reached the upper. After
+        one ENOSYS the kernel never sends FLUSH again (fc->no_flush); answered, FLUSH comes after
+        the write-back and fails with ENOTCONN on a dead connection, so close() reports the loss
+        (test_regressions.py::test_close_reports_data_lost_when_the_daemon_dies)."""
 
     @boundary
     async def release(self, fh: int) -> None:

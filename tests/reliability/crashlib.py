@@ -403,6 +403,25 @@ class Figures:
         )
 
 
+def _with_identities(actual: Model, *models: Model) -> Model:
+    """A scan (which cannot see hard links) as the new model after a mismatch: each file keeps
+    the inode identity a model gave it while its content is the one that model expected.
+    Without them every later chmod of a hard-linked file would be counted as a failure too."""
+    out: Model = {}
+    for path, entry in actual.items():
+        for model in models:
+            known = model.get(path)
+            if (
+                known is not None
+                and "ino" in known
+                and normalized({path: known})[path].get("tag") == entry.get("tag")
+            ):
+                entry = {**entry, "ino": known["ino"]}
+                break
+        out[path] = entry
+    return out
+
+
 def _describe_difference(expected: Model, actual: Model) -> str:
     lines = []
     for path in sorted(set(expected) | set(actual)):
@@ -420,8 +439,13 @@ class CrashLoop:
         seed: int,
         log_dir: Path | None = None,
         extra_args: list[str] | None = None,
+        keep_evidence: bool = False,
     ) -> None:
         self.extra_args = list(extra_args or [])
+        # Copy the upper + workdir as the kill left them (before the offline check and the
+        # remount touch them) to BASE/evidence-KILL, with the journal and the expected models
+        # (the last two kills are kept: a loss may only show at the next kill's first mount).
+        self.keep_evidence = keep_evidence
         self.base = base
         self.rng = random.Random(seed)
         self.seed = seed
@@ -475,7 +499,7 @@ class CrashLoop:
                     f"kill {number}: view after remount differs from the model:\n"
                     + _describe_difference(normalized(self.model), actual)
                 )
-                self.model = actual
+                self.model = _with_identities(actual, self.model)
             figures.failures.extend(f"kill {number}: {p}" for p in problems)
             model_file = self.base / "model.json"
             model_file.write_text(json.dumps(self.model))
@@ -530,6 +554,8 @@ class CrashLoop:
             )
         for op in done:
             self.model = apply(self.model, op)
+        if self.keep_evidence:
+            self.save_evidence(number, journal, pending)
         # Offline check before the remount cleans the work area.
         report = check_upper(self.upper, self.workdir, [self.lower], repair=False)
         orphans = [p for p in report.found if p.kind == "orphan"]
@@ -540,6 +566,22 @@ class CrashLoop:
             figures.failures.append(f"kill {number}: check_upper:\n{format_report(report)}")
         # Compare through a remount: old or new state, never anything else.
         self.verify(number, pending)
+
+    def save_evidence(self, number: int, journal: Path, pending: dict[str, Any] | None) -> None:
+        shutil.rmtree(self.base / f"evidence-{number - 2}", ignore_errors=True)
+        evidence = self.base / f"evidence-{number}"
+        evidence.mkdir()
+        # cp -a keeps modes, owners, xattrs (trusted.* as root), hard links and device nodes.
+        for name, source in (("upper", self.upper), ("work", self.workdir)):
+            subprocess.run(["cp", "-a", str(source), str(evidence / name)], check=True)
+        shutil.copy(journal, evidence / "journal")
+        full_after = apply(self.model, pending) if pending is not None else self.model
+        (evidence / "kill").write_text(
+            f"kill {number}, episode {self.episode}, upper {self.upper}\n"
+            f"in flight: {json.dumps(pending)}\n"
+        )
+        (evidence / "model-before.json").write_text(json.dumps(self.model, indent=1))
+        (evidence / "model-after.json").write_text(json.dumps(full_after, indent=1))
 
     def verify(self, number: int, pending: dict[str, Any] | None) -> None:
         figures = self.figures
@@ -577,10 +619,7 @@ class CrashLoop:
                     f"kill {number}: state is neither before nor after {pending}"
                     f" (lost {lost[:5]}):\n" + _describe_difference(after, actual)
                 )
-                if os.environ.get("UNIONFS_CRASH_STOP"):
-                    # Keep the evidence: this upper, work dir, journal and logs stay as they are.
-                    raise SystemExit(f"stopped at the first failure: {figures.failures[-1]}")
-                self.model = actual
+                self.model = _with_identities(actual, full_after, self.model)
             # Remove partly written new files so every file holds known content again.
             if pending is not None and pending["op"] == "write_tmp":
                 path = pending["path"]
@@ -597,7 +636,15 @@ class CrashLoop:
                 f"kill {number}: check_upper after a clean unmount:\n{format_report(report)}"
             )
 
-    def run(self, kills: int, per_upper: int = 10, progress: bool = False) -> Figures:
+    def run(
+        self,
+        kills: int,
+        per_upper: int = 10,
+        progress: bool = False,
+        stop_on_failure: bool = False,
+    ) -> Figures:
+        """Kill ``kills`` times; with ``stop_on_failure`` return after the first kill that
+        failed, leaving its upper, workdir, journal and logs in place."""
         reported = 0
         for number in range(1, kills + 1):
             if number > 1 and (number - 1) % per_upper == 0:
@@ -610,6 +657,8 @@ class CrashLoop:
                 for failure in self.figures.failures[reported:]:
                     print("  ", "\n    ".join(failure.splitlines()[:25]), flush=True)
                 reported = len(self.figures.failures)
+            if stop_on_failure and self.figures.failures:
+                break
         return self.figures
 
 
@@ -629,20 +678,45 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument(
         "--whiteout-format", choices=("overlay", "oci"), default="overlay", help="of the upper"
     )
+    loop.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="daemon mount options (e.g. writeback=0, metacopy=off)",
+    )
+    loop.add_argument(
+        "--stop-on-failure",
+        action="store_true",
+        help="stop at the first failing kill and keep the evidence: DIR/runSEED/evidence-KILL holds"
+        " the upper and workdir as each of the last two kills left them, the journal and the models"
+        " (DIR is then kept even when not given)",
+    )
     args = parser.parse_args(argv)
     if args.command == "workload":
         return workload(args.model, args.journal, args.mountpoint, args.seed)
     with contextlib.ExitStack() as stack:
-        base = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crash-")))
+        if args.dir is not None:
+            base = args.dir
+        elif args.stop_on_failure:
+            base = Path(tempfile.mkdtemp(prefix="crash-"))
+        else:
+            base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crash-")))
         base.mkdir(parents=True, exist_ok=True)
         print(f"crash-loop: seed {args.seed}, {args.kills} kills, in {base}", flush=True)
         crash = CrashLoop(
             base / f"run{args.seed}",
             args.seed,
             extra_args=["--whiteout-format", args.whiteout_format]
-            + os.environ.get("UNIONFS_CRASH_DAEMON_ARGS", "").split(),
+            + [arg for option in args.options for arg in ("-o", option)],
+            keep_evidence=args.stop_on_failure,
         )
-        figures = crash.run(args.kills, args.per_upper, progress=True)
+        figures = crash.run(
+            args.kills, args.per_upper, progress=True, stop_on_failure=args.stop_on_failure
+        )
+        if args.stop_on_failure and figures.failures:
+            print(f"crash-loop: stopped at the first failure; evidence in {crash.base}")
         print("crash-loop:", figures.summary())
         for failure in figures.failures:
             print("FAILURE:", failure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import DIR, TmpLayers
-from tests.support.mounts import unionfs_mounted
+from tests.support.mounts import abort_connection, unionfs_mounted
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -192,3 +193,76 @@ def test_oci_whiteout_of_a_255_byte_name_changes_nothing(
         assert (mountpoint / name).read_text() == "changed\n"
     with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir, extra_args=args):
         assert (mountpoint / name).read_text() == "changed\n"
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_o_trunc_opens_keep_the_size_right(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
+) -> None:
+    """Two threads open(O_TRUNC) + write + close one file at once. With FUSE's atomic O_TRUNC
+    the kernel truncated its own view a second time, after dropping the inode lock and without
+    telling the daemon: another thread's flushed data stayed in the upper file while the
+    kernel showed the file empty (the write-back cache then never takes the size back).
+    unionfs turns atomic O_TRUNC off, so the kernel sends that truncate as SETATTR."""
+    import random
+    import threading
+
+    (lower,) = tmp_layers({"keep": "k"})
+    upper, log = tmp_path / "upper", tmp_path / "daemon.log"
+    with unionfs_mounted([lower], mountpoint, upper=upper, workdir=tmp_path / "work", log=log):
+        target = mountpoint / "f"
+        target.write_bytes(b"start")
+        mismatches = []
+        for round_number in range(60):
+            def writer(seed: int) -> None:
+                rng = random.Random(seed)
+                for _ in range(3):
+                    fd = os.open(target, os.O_WRONLY | os.O_TRUNC)
+                    try:
+                        os.write(fd, b"x" * rng.choice([0, 10, 5000]))
+                    finally:
+                        os.close(fd)
+
+            threads = [threading.Thread(target=writer, args=(round_number * 2 + n,))
+                       for n in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            seen, stored = target.stat().st_size, (upper / "f").stat().st_size
+            if seen != stored:
+                mismatches.append((round_number, seen, stored))
+    assert not mismatches, f"kernel size != upper size (round, seen, stored): {mismatches}"
+    assert "atomic O_TRUNC turned off" in log.read_text()
+
+
+@pytest.mark.root
+def test_close_reports_data_lost_when_the_daemon_dies(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
+) -> None:
+    """Found by the crash loop: a file written and closed (not fsync'd) just before the SIGKILL
+    was empty, or exactly 1 MiB (one write() chunk) short, after the remount.
+
+    With the write-back cache a write() only fills the kernel's page cache. When the kernel
+    writes it back (its flusher, a sync, or close() itself) after the daemon died, it drops the
+    pages without recording an error (fs/fuse/file.c, fuse_send_writepage: "Fails on broken
+    connection only"), so close() returned 0 for data that never reached the upper. A FLUSH
+    request, which fails with ENOTCONN on a dead connection, is the only thing left that can
+    report it: the daemon must answer FLUSH, not ENOSYS (after which the kernel stops sending
+    it). Aborting the connection stands for the daemon's death; syncfs for the flusher.
+    """
+    (lower,) = tmp_layers({})
+    upper, workdir = tmp_path / "upper", tmp_path / "work"
+    libc = ctypes.CDLL(None, use_errno=True)
+    with unionfs_mounted([lower], mountpoint, upper=upper, workdir=workdir):
+        (mountpoint / "first").write_bytes(b"")  # one close: the kernel learns FLUSH's answer
+        fd = os.open(mountpoint / "new", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            assert abort_connection(mountpoint)
+            os.write(fd, b"data" * 25_000)  # fills the page cache only: succeeds
+            libc.syncfs(fd)  # the write-back meets the dead connection: pages dropped
+        finally:
+            with pytest.raises(OSError) as raised:
+                os.close(fd)
+    assert raised.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    assert (upper / "new").stat().st_size == 0  # the data really is lost
