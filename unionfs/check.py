@@ -41,11 +41,12 @@ not printable ASCII are escaped as in a Python ``bytes`` repr, so a report line 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,74 +146,51 @@ class _Checker:
         else:
             self.report.left.append(found)
 
-    # work area -----------------------------------------------------------------------
+    # work area and index -------------------------------------------------------------
     def check_work(self, workdir: Path) -> None:
-        try:
-            base_fd = safeio.open_root(str(workdir))
-        except FileNotFoundError:
-            return
-        try:
-            try:
-                work_fd = safeio.open_dir(base_fd, WORK_NAME)
-            except FileNotFoundError:
+        with _workdir_part(workdir, WORK_NAME) as work_fd:
+            if work_fd is None:
                 return
-            try:
-                for name, kind in sorted(safeio.list_dir(work_fd)):
-                    what = "directory" if kind == stat.S_IFDIR else "entry"
-                    prefix = "temporary" if name.startswith(b"#unionfs.") else "foreign"
+            for name, kind in sorted(safeio.list_dir(work_fd)):
+                what = "directory" if kind == stat.S_IFDIR else "entry"
+                prefix = "temporary" if name.startswith(b"#unionfs.") else "foreign"
 
-                    def fix(name: bytes = name) -> None:
-                        safeio.remove_tree(work_fd, name)
+                def fix(name: bytes = name, work_fd: int = work_fd) -> None:
+                    safeio.remove_tree(work_fd, name)
 
-                    self.problem(
-                        "orphan",
-                        "work/" + repr(name)[2:-1],
-                        f"{prefix} {what} left in the work area",
-                        fix,
-                    )
-            finally:
-                os.close(work_fd)
-        finally:
-            os.close(base_fd)
+                self.problem(
+                    "orphan",
+                    "work/" + repr(name)[2:-1],
+                    f"{prefix} {what} left in the work area",
+                    fix,
+                )
 
     def check_index(self, workdir: Path) -> None:
-        try:
-            base_fd = safeio.open_root(str(workdir))
-        except FileNotFoundError:
-            return
-        try:
-            try:
-                index_fd = safeio.open_dir(base_fd, INDEX_NAME)
-            except (FileNotFoundError, PermissionError):
+        with _workdir_part(workdir, INDEX_NAME) as index_fd:
+            if index_fd is None:
                 return
-            try:
-                for name, _kind in sorted(safeio.list_dir(index_fd)):
-                    st = safeio.try_lstat(index_fd, name)
-                    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                        continue
-                    records = [
-                        whiteout.parse_nlink(safeio.get_xattr(index_fd, name, attribute))
-                        for attribute in whiteout.NLINK_XATTRS
-                    ]
-                    if not any(
-                        record is not None and record[0] == "U" and 1 + record[1] <= 0
-                        for record in records
-                    ):
-                        continue
-
-                    def fix(name: bytes = name) -> None:
-                        os.unlink(name, dir_fd=index_fd)
-
-                    self.problem(
-                        "orphan-index",
-                        "index/" + repr(name)[2:-1],
-                        "hard-link index entry no name uses any more",
-                        fix,
+            for name, _kind in sorted(safeio.list_dir(index_fd)):
+                st = safeio.try_lstat(index_fd, name)
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    continue
+                if not any(
+                    whiteout.index_entry_unused(
+                        st.st_nlink,
+                        whiteout.parse_nlink(safeio.get_xattr(index_fd, name, attribute)),
                     )
-            finally:
-                os.close(index_fd)
-        finally:
-            os.close(base_fd)
+                    for attribute in whiteout.NLINK_XATTRS
+                ):
+                    continue
+
+                def unlink(name: bytes = name, index_fd: int = index_fd) -> None:
+                    os.unlink(name, dir_fd=index_fd)
+
+                self.problem(
+                    "orphan-index",
+                    "index/" + repr(name)[2:-1],
+                    "hard-link index entry no name uses any more",
+                    unlink,
+                )
 
     # upper tree ----------------------------------------------------------------------
     def walk(self, root_fd: int) -> None:
@@ -517,6 +495,28 @@ def check_upper(
         for fd in lower_fds or []:
             os.close(fd)
     return report
+
+
+@contextlib.contextmanager
+def _workdir_part(workdir: Path, name: bytes) -> Iterator[int | None]:
+    """An fd on WORKDIR/NAME (None when it is missing or unreadable), closed afterwards."""
+    try:
+        base_fd = safeio.open_root(str(workdir))
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            part_fd = safeio.open_dir(base_fd, name)
+        except (FileNotFoundError, PermissionError):
+            yield None
+            return
+        try:
+            yield part_fd
+        finally:
+            os.close(part_fd)
+    finally:
+        os.close(base_fd)
 
 
 def format_report(report: CheckReport) -> str:

@@ -142,8 +142,8 @@ class HardLinkIndex:
             st = safeio.try_lstat(self.fd, name)
             if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 continue
-            parsed = whiteout.parse_nlink(safeio.get_xattr(self.fd, name, self.nlink_xattr))
-            if parsed is not None and parsed[0] == "U" and st.st_nlink + parsed[1] <= 0:
+            record = whiteout.parse_nlink(safeio.get_xattr(self.fd, name, self.nlink_xattr))
+            if whiteout.index_entry_unused(st.st_nlink, record):
                 self.remove(name)
                 removed += 1
         return removed

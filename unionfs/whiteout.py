@@ -156,6 +156,12 @@ def parse_nlink(value: bytes | None) -> tuple[str, int] | None:
         return None
 
 
+def index_entry_unused(upper_nlink: int, record: tuple[str, int] | None) -> bool:
+    """Does an index entry linked ``upper_nlink`` times (1: by the index only) with this
+    ``overlay.nlink`` record stand for no name at all (merged link count 0)?"""
+    return upper_nlink == 1 and record is not None and record[0] == "U" and 1 + record[1] <= 0
+
+
 def encode_nlink(upper_difference: int) -> bytes:
     """The ``overlay.nlink`` value for a merged count of upper link count + difference."""
     return b"U%+d" % upper_difference

@@ -116,3 +116,11 @@ def test_nlink_record_round_trip() -> None:
     for difference in (-3, -1, 0, 1, 7):
         assert whiteout.parse_nlink(whiteout.encode_nlink(difference)) == ("U", difference)
     assert whiteout.encode_nlink(0) == b"U+0"
+
+
+def test_index_entry_unused_only_when_no_name_is_left() -> None:
+    assert whiteout.index_entry_unused(1, ("U", -1))
+    assert not whiteout.index_entry_unused(1, ("U", 0))  # one lower name still shows it
+    assert not whiteout.index_entry_unused(2, ("U", -1))  # an upper name links it
+    assert not whiteout.index_entry_unused(1, None)  # no record: keep it
+    assert not whiteout.index_entry_unused(1, ("L", -5))  # relative to the lower: keep it
