@@ -198,7 +198,8 @@ class MergedTree:
         self.inodes.drop_key((st.st_dev, st.st_ino), node)
         node.index_name = None
         if node.upper_link() is None:
-            node.in_upper = False
+            node.in_upper = False  # no name anywhere: an fd still open sees the file itself
+            node.lower = []
 
     def _find_metacopy_data(
         self, node: Node, parent: Node, name: bytes, st: os.stat_result
