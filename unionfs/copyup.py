@@ -175,6 +175,8 @@ class CopyUp:
             if indexed is not None and data == METADATA:
                 data = FULL  # an indexed copy is shared by every name: never metadata-only
             metacopy = data == METADATA and self.metacopy and st.st_size > 0
+            if data == METADATA and not metacopy:
+                data = FULL  # -o metacopy=off (or an empty file): the copy carries the data
             redirect = None
             if metacopy and source.path != link_path(parent, name):
                 redirect = whiteout.encode_redirect(source.path)

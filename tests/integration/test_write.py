@@ -507,6 +507,32 @@ def test_metadata_only_copy_up_survives_remount(tmp_layers: TmpLayers, tmp_path:
         assert stat.S_IMODE((upper / "big").lstat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("change", ["chmod", "rename", "utime", "setxattr"])
+def test_metacopy_off_copies_the_data(change: str, tmp_layers: TmpLayers, tmp_path: Path,
+                                      mountpoint: Path) -> None:
+    """-o metacopy=off: a metadata change copies the data up too (the upper file is complete,
+    no overlay.metacopy), so any overlay mount reads it. It used to copy the size only: the
+    file read back as zeros (found by scripts/crash-loop -o metacopy=off)."""
+    payload = os.urandom(70_000)
+    layers = tmp_layers({"f": payload})
+    options = ("-o", "metacopy=off")
+    with writable(layers, tmp_path, mountpoint, extra_args=options) as (mnt, upper):
+        if change == "chmod":
+            os.chmod(mnt / "f", 0o600)
+        elif change == "utime":
+            os.utime(mnt / "f", ns=(1_000_000_000, 2_000_000_000))
+        elif change == "setxattr":
+            os.setxattr(mnt / "f", "user.note", b"x")
+        else:
+            os.rename(mnt / "f", mnt / "g")
+        name = "g" if change == "rename" else "f"
+        assert (mnt / name).read_bytes() == payload
+        assert (upper / name).read_bytes() == payload, "the upper copy lacks the data"
+        assert METACOPY_XATTR not in os.listxattr(upper / name)
+    with writable(layers, tmp_path, mountpoint, extra_args=options) as (mnt, _upper):
+        assert (mnt / name).read_bytes() == payload
+
+
 def test_unlinked_open_files_never_reach_the_lower_layer(tmp_layers: TmpLayers, tmp_path: Path,
                                                          mountpoint: Path) -> None:
     """fchmod/ftruncate through fds of files deleted while open: an upper file changes, a
