@@ -39,6 +39,14 @@ KERNEL_WRITABLE_OPTIONS = tuple(
 )
 
 
+#: Extra `-o` options of every unionfs mount; UNIONFS_DIFF_UNIONFS_OPTIONS (comma list), e.g.
+#: "metacopy=off" with UNIONFS_DIFF_KERNEL_OPTIONS="redirect_dir=on,index=on": full copy-ups on
+#: both sides, so the round trips show the upper is portable to a kernel without metacopy.
+UNIONFS_OPTIONS = tuple(
+    option for option in os.environ.get("UNIONFS_DIFF_UNIONFS_OPTIONS", "").split(",") if option
+)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -89,6 +97,7 @@ class Backend:
         elif self.name in ("unionfs", "unionfs-oci"):
             log = mountpoint.with_name(mountpoint.name + ".unionfs.log")
             extra = ["--whiteout-format", "oci"] if self.name == "unionfs-oci" else []
+            extra += [arg for option in UNIONFS_OPTIONS for arg in ("-o", option)]
             with unionfs_mounted(
                 lowers_base_first,
                 mountpoint,
