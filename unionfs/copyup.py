@@ -285,42 +285,6 @@ class CopyUp:
     ) -> None:
         """Build a regular file off to the side (data from the lower file ``data_from``, if
         any), then link or rename it to parent/name (by way of the index when ``indexed``)."""
-        data_fd = None
-        if data_from is not None and size:
-            data_fd = safeio.open_lower_file(*data_from.layer.parent_and_name(data_from.path))
-        try:
-            await self._build_regular(
-                data_fd,
-                size,
-                meta_fd,
-                meta_name,
-                meta_st,
-                parent_fd,
-                name,
-                replace=replace,
-                metacopy=metacopy,
-                redirect=redirect,
-                indexed=indexed,
-            )
-        finally:
-            if data_fd is not None:
-                os.close(data_fd)
-
-    async def _build_regular(
-        self,
-        data_fd: int | None,
-        size: int,
-        meta_fd: int,
-        meta_name: bytes,
-        meta_st: os.stat_result,
-        parent_fd: int,
-        name: bytes,
-        *,
-        replace: bool,
-        metacopy: bool,
-        redirect: bytes | None,
-        indexed: Indexed | None,
-    ) -> None:
         temp = self.work.temp_name()
         try:
             target_fd = os.open(
@@ -336,14 +300,8 @@ class CopyUp:
             anonymous = False
         named = not anonymous
         try:
-            if data_fd is not None and size:
-                source_fd = data_fd
-
-                def copy() -> int:
-                    return safeio.copy_data(source_fd, target_fd, size)
-
-                copied = await self.run_in_thread(copy) if size > THREAD_THRESHOLD else copy()
-                self.bytes_copied += copied
+            if data_from is not None and size:
+                await self._copy_lower_data(data_from, target_fd, size)
             else:
                 os.ftruncate(target_fd, size)
             safeio.copy_xattrs(meta_fd, meta_name, target_fd, None, keep=whiteout.is_copied_xattr)
@@ -351,21 +309,20 @@ class CopyUp:
                 os.setxattr(target_fd, self.prefix + "metacopy", b"")
                 if redirect is not None:
                     os.setxattr(target_fd, self.prefix + "redirect", redirect)
-            if indexed is not None:
-                assert self.tree.index is not None
-                self.tree.index.mark(target_fd, *indexed)
+            index = self.tree.index if indexed is not None else None
+            if index is not None and indexed is not None:
+                index.mark(target_fd, *indexed)
             apply_metadata(target_fd, meta_st)
             os.utime(target_fd, ns=(meta_st.st_atime_ns, meta_st.st_mtime_ns))
-            if indexed is not None:
-                assert self.tree.index is not None
-                entry = self.tree.index.add(
+            if index is not None and indexed is not None:
+                entry = index.add(
                     indexed[0], (target_fd, None) if anonymous else (self.work.fd, temp)
                 )
                 named = False
                 os.link(
                     entry,
                     name,
-                    src_dir_fd=self.tree.index.fd,
+                    src_dir_fd=index.fd,
                     dst_dir_fd=parent_fd,
                     follow_symlinks=False,
                 )
@@ -385,6 +342,21 @@ class CopyUp:
             raise
         finally:
             os.close(target_fd)
+
+    async def _copy_lower_data(self, data_from: Source, target_fd: int, size: int) -> None:
+        """Copy the data extents of lower file ``data_from`` into ``target_fd`` (big files in a
+        worker thread, so other requests keep being served)."""
+        source_fd = safeio.open_lower_file(*data_from.layer.parent_and_name(data_from.path))
+        try:
+
+            def copy() -> int:
+                return safeio.copy_data(source_fd, target_fd, size)
+
+            self.bytes_copied += (
+                await self.run_in_thread(copy) if size > THREAD_THRESHOLD else copy()
+            )
+        finally:
+            os.close(source_fd)
 
     def _copy_special(
         self,

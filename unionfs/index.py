@@ -76,18 +76,17 @@ class HardLinkIndex:
             return None  # (the kernel's whiteouts of fully deleted files show nothing more)
         return name, st
 
-    def upper_entry_name(self, dir_fd: int, name: bytes | None) -> bytes | None:
-        """The index name of an upper file, when it is an indexed copy (origin recorded and
-        the index entry is the same inode)."""
+    def upper_entry_name(self, dir_fd: int, name: bytes, st: os.stat_result) -> bytes | None:
+        """The index name of upper file ``name`` (attributes ``st``), when it is an indexed
+        copy (origin recorded and the index entry is the same inode)."""
         origin = safeio.get_xattr(dir_fd, name, self.origin_xattr)
         if not origin:
             return None
         index = whiteout.index_name(origin)
         if index not in self.names:
             return None
-        mine = safeio.lstat(dir_fd, name) if name is not None else os.fstat(dir_fd)
         entry = safeio.try_lstat(self.fd, index)
-        if entry is None or (entry.st_dev, entry.st_ino) != (mine.st_dev, mine.st_ino):
+        if entry is None or (entry.st_dev, entry.st_ino) != (st.st_dev, st.st_ino):
             return None
         return index
 

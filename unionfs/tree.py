@@ -165,7 +165,7 @@ class MergedTree:
         """An upper file that is an indexed copy: take its merged link count record."""
         assert self.upper is not None and self.index is not None
         dir_fd, entry = self.upper.parent_and_name(link_path(parent, name))
-        index_name = self.index.upper_entry_name(dir_fd, entry)
+        index_name = self.index.upper_entry_name(dir_fd, entry, st)
         if index_name is not None:
             node.index_name = index_name
             node.link_difference = self.index.link_difference(dir_fd, entry, st, st.st_nlink)

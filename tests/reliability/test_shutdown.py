@@ -10,6 +10,7 @@ is re-parented to it and it can ``waitpid`` the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -115,9 +116,12 @@ def test_signal_to_a_foreground_daemon(
     _no_daemon_left(mountpoint)
 
 
+@contextlib.contextmanager
 def _reaped_mount(
     lower: Path, mountpoint: Path, upper: Path, workdir: Path, log: Path
-) -> tuple[subprocess.Popen[str], int]:
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Mount in the background under a subreaper (which reports the daemon's exit status);
+    yields (reaper, daemon pid); on exit the reaper is killed and the mount undone."""
     argv = unionfs_command([lower], mountpoint, upper=upper, workdir=workdir, log=log)
     reaper = subprocess.Popen(
         [sys.executable, "-c", REAPER, json.dumps(argv), str(log)],
@@ -125,11 +129,17 @@ def _reaped_mount(
         text=True,
         cwd=REPO,
     )
-    assert reaper.stdout is not None
-    assert reaper.stdout.readline().split() == ["mounted", "0"]
-    pid = int(reaper.stdout.readline().split()[1])
-    _wait_mounted(mountpoint)
-    return reaper, pid
+    pid = None
+    try:
+        assert reaper.stdout is not None
+        assert reaper.stdout.readline().split() == ["mounted", "0"]
+        pid = int(reaper.stdout.readline().split()[1])
+        _wait_mounted(mountpoint)
+        yield reaper, pid
+    finally:
+        reaper.kill()
+        reaper.wait()
+        unmount_fuse(mountpoint, pids=[] if pid is None else [pid])
 
 
 def _daemon_exit(reaper: subprocess.Popen[str]) -> int:
@@ -145,8 +155,7 @@ def test_signal_to_a_background_daemon(
     tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path, signum: int
 ) -> None:
     lower, upper, workdir, log = _layout(tmp_layers, tmp_path)
-    reaper, pid = _reaped_mount(lower, mountpoint, upper, workdir, log)
-    try:
+    with _reaped_mount(lower, mountpoint, upper, workdir, log) as (reaper, pid):
         _write_some(mountpoint)
         os.kill(pid, signum)
         assert _daemon_exit(reaper) == 0
@@ -154,18 +163,13 @@ def test_signal_to_a_background_daemon(
         _assert_data(upper)
         assert "Traceback" not in log.read_text()
         _no_daemon_left(mountpoint)
-    finally:
-        reaper.kill()
-        reaper.wait()
-        unmount_fuse(mountpoint, pids=[pid])
 
 
 def test_unmount_while_busy_then_after_close(
     tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
 ) -> None:
     lower, upper, workdir, log = _layout(tmp_layers, tmp_path)
-    reaper, pid = _reaped_mount(lower, mountpoint, upper, workdir, log)
-    try:
+    with _reaped_mount(lower, mountpoint, upper, workdir, log) as (reaper, _pid):
         _write_some(mountpoint)
         busy = open(mountpoint / "busy", "w")  # noqa: SIM115
         busy.write("busy data\n")
@@ -180,18 +184,13 @@ def test_unmount_while_busy_then_after_close(
         _assert_data(upper)
         assert (upper / "busy").read_text() == "busy data\n"
         _no_daemon_left(mountpoint)
-    finally:
-        reaper.kill()
-        reaper.wait()
-        unmount_fuse(mountpoint, pids=[pid])
 
 
 def test_lazy_unmount_while_busy_loses_nothing(
     tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
 ) -> None:
     lower, upper, workdir, log = _layout(tmp_layers, tmp_path)
-    reaper, pid = _reaped_mount(lower, mountpoint, upper, workdir, log)
-    try:
+    with _reaped_mount(lower, mountpoint, upper, workdir, log) as (reaper, _pid):
         _write_some(mountpoint)
         busy = open(mountpoint / "busy", "w")  # noqa: SIM115
         busy.write("before the lazy unmount\n")
@@ -206,7 +205,3 @@ def test_lazy_unmount_while_busy_loses_nothing(
         assert (upper / "busy").read_text() == "before the lazy unmount\nafter it\n"
         _assert_data(upper)
         _no_daemon_left(mountpoint)
-    finally:
-        reaper.kill()
-        reaper.wait()
-        unmount_fuse(mountpoint, pids=[pid])
