@@ -256,13 +256,29 @@ def _run_quiet(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(list(argv), -9, error.output, f"timed out: {error}")
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def ensure_fusectl() -> bool:
+    """Mount the fusectl filesystem at /sys/fs/fuse/connections if it is not (root only; a fresh
+    machine has it unmounted, and nothing else mounts it). True when it is mounted now."""
+    if mount_entry(FUSECTL) is not None:
+        return True
+    if os.geteuid() != 0 or not FUSECTL.is_dir():
+        return False
+    result = _run_quiet(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)])
+    return result.returncode == 0 or mount_entry(FUSECTL) is not None
+
+
 def abort_connection(mountpoint: Path | str) -> bool:
     """Abort a FUSE mount's connection (root only): every request pending or to come fails with
-    ENOTCONN, which frees whatever is blocked on a hung daemon. True if it was aborted."""
+    ENOTCONN, which frees whatever is blocked on a hung daemon. True if it was aborted. Mounts
+    fusectl first when it is missing (see ``ensure_fusectl``)."""
     entry = mount_entry(mountpoint)
     if entry is None or not entry.fstype.startswith("fuse") or ":" not in entry.device:
         return False
-    abort = Path("/sys/fs/fuse/connections") / entry.device.split(":")[1] / "abort"
+    ensure_fusectl()
+    abort = FUSECTL / entry.device.split(":")[1] / "abort"
     try:
         abort.write_text("1")
     except OSError:
