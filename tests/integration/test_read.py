@@ -205,14 +205,20 @@ def test_readdir_stable_under_concurrent_changes(tmp_layers: TmpLayers, mountpoi
     with unionfs_mounted(layers, mountpoint, upper=tmp_path / "up",
                          workdir=tmp_path / "work") as mnt:
         stop = threading.Event()
+        churned: list[int] = []
+        failures: list[BaseException] = []
 
         def churn() -> None:
             index = 0
-            while not stop.is_set():
-                path = mnt / "d" / f"new{index % 50}"
-                path.write_text("")
-                path.unlink()
-                index += 1
+            try:
+                while not stop.is_set():
+                    path = mnt / "d" / f"new{index % 50}"
+                    path.write_text("")
+                    path.unlink()
+                    index += 1
+            except BaseException as error:  # reported by the test, not lost with the thread
+                failures.append(error)
+            churned.append(index)
 
         worker = threading.Thread(target=churn)
         worker.start()
@@ -225,3 +231,5 @@ def test_readdir_stable_under_concurrent_changes(tmp_layers: TmpLayers, mountpoi
         finally:
             stop.set()
             worker.join()
+        assert not failures, f"the churn thread failed: {failures[0]!r}"
+        assert churned and churned[0] > 0, "no change happened while listing"

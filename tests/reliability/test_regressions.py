@@ -114,10 +114,18 @@ def test_copy_up_below_1000_directories(
                 child = os.open("d", os.O_DIRECTORY, dir_fd=fd)
                 os.close(fd)
                 fd = child
-            os.close(os.open("bottom", os.O_WRONLY, dir_fd=fd))
+            written = os.open("bottom", os.O_WRONLY | os.O_APPEND, dir_fd=fd)  # copies up
+            try:
+                os.write(written, b"deep\n")
+            finally:
+                os.close(written)
             os.mkdir("new", dir_fd=fd)
         finally:
             os.close(fd)
+    deep = Path(upper, *(["d"] * 1000))
+    assert (deep / "bottom").read_bytes() == b"deep\n"
+    assert (deep / "new").is_dir()
+    assert Path(lower, *(["d"] * 1000), "bottom").read_bytes() == b"", "the lower was changed"
 
 
 def test_copy_up_of_a_directory_swapped_for_a_symlink(
