@@ -1,29 +1,50 @@
-"""Owner translation between the layers (host ids) and the mount (container ids).
+"""Owner translation between the layers (ids on disk) and the mount (ids shown), as
+fuse-overlayfs does it.
 
-``uidmapping=C:H:S`` (fuse-overlayfs syntax) says container ids C..C+S-1 are stored as host
-ids H..H+S-1. Attributes shown through the mount are translated host -> container; owners
-written (chown, new files) container -> host. Ids outside every range show as the overflow
-id 65534 and cannot be written (EINVAL), as in a user namespace. ``squash_to_uid``/``gid`` (and
-``squash_to_root``) make every file appear owned by one id and leave stored owners alone.
+``uidmapping=D:S:N`` says ids D..D+N-1 stored in the layers show as S..S+N-1 through the mount:
+with ``uidmapping=0:1000:1`` a file owned by 0 on disk shows as owned by 1000. Owners written
+through the mount (chown, the owner of a new file) go the other way, shown -> on disk. podman
+passes ``ContainerID:HostID:Size`` here: the image's ids on disk, shown as the ids its user
+namespace maps them to. An id outside every range becomes the kernel's overflow id
+(``/proc/sys/kernel/overflowuid``, normally 65534) in both directions, as in fuse-overlayfs.
+
+``squash_to_uid``/``squash_to_gid`` (and ``squash_to_root``, which they override) make every
+file show as owned by one id and leave stored owners alone; a chown then succeeds without
+changing anything that cannot be changed (fuse-overlayfs ignores its errors too).
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import os
 from collections.abc import Sequence
+from typing import Any
 
 from unionfs.config import IdMapping, MountConfig
 
-OVERFLOW_ID = 65534
+OVERFLOW_FALLBACK = 65534
 
 
-def _translate(value: int, ranges: Sequence[IdMapping], *, to_container: bool) -> int | None:
+def overflow_id(kind: str) -> int:
+    """The kernel's overflow uid or gid (``kind``: "uid" or "gid")."""
+    try:
+        with open(f"/proc/sys/kernel/overflow{kind}", encoding="ascii") as knob:
+            return int(knob.read())
+    except (OSError, ValueError):
+        return OVERFLOW_FALLBACK
+
+
+def _to_shown(value: int, ranges: Sequence[IdMapping]) -> int | None:
     for mapping in ranges:
-        source, target = (
-            (mapping.host, mapping.container) if to_container else (mapping.container, mapping.host)
-        )
-        if source <= value < source + mapping.size:
-            return target + (value - source)
+        if mapping.on_disk <= value < mapping.on_disk + mapping.size:
+            return mapping.shown + (value - mapping.on_disk)
+    return None
+
+
+def _to_disk(value: int, ranges: Sequence[IdMapping]) -> int | None:
+    for mapping in ranges:
+        if mapping.shown <= value < mapping.shown + mapping.size:
+            return mapping.on_disk + (value - mapping.shown)
     return None
 
 
@@ -31,39 +52,47 @@ class IdMapper:
     def __init__(self, config: MountConfig) -> None:
         self.uids = list(config.uid_mappings)
         self.gids = list(config.gid_mappings)
-        self.squash_uid = config.squash_uid
-        self.squash_gid = config.squash_gid
+        root = 0 if config.squash_to_root else None
+        self.squash_uid = config.squash_uid if config.squash_uid is not None else root
+        self.squash_gid = config.squash_gid if config.squash_gid is not None else root
+        self.squashing = config.squashing
+        self.overflow_uid = overflow_id("uid")
+        self.overflow_gid = overflow_id("gid")
 
     @property
     def identity(self) -> bool:
-        return not (
-            self.uids or self.gids or self.squash_uid is not None or self.squash_gid is not None
-        )
+        return not (self.uids or self.gids or self.squashing)
 
     def shown(self, uid: int, gid: int) -> tuple[int, int]:
-        """Stored (host) owner -> the owner the mount shows."""
+        """Owner on disk -> the owner the mount shows."""
         if self.squash_uid is not None:
             uid = self.squash_uid
         elif self.uids:
-            mapped_uid = _translate(uid, self.uids, to_container=True)
-            uid = OVERFLOW_ID if mapped_uid is None else mapped_uid
+            mapped = _to_shown(uid, self.uids)
+            uid = self.overflow_uid if mapped is None else mapped
         if self.squash_gid is not None:
             gid = self.squash_gid
         elif self.gids:
-            mapped = _translate(gid, self.gids, to_container=True)
-            gid = OVERFLOW_ID if mapped is None else mapped
+            mapped = _to_shown(gid, self.gids)
+            gid = self.overflow_gid if mapped is None else mapped
         return uid, gid
 
     def stored(self, uid: int, gid: int) -> tuple[int, int]:
-        """Owner given through the mount (-1 = unchanged) -> the owner to store."""
+        """Owner given through the mount (-1 = unchanged) -> the owner to store on disk."""
         if uid != -1 and self.uids:
-            mapped = _translate(uid, self.uids, to_container=False)
-            if mapped is None:
-                raise OSError(errno.EINVAL, f"uid {uid} is not mapped")
-            uid = mapped
+            mapped = _to_disk(uid, self.uids)
+            uid = self.overflow_uid if mapped is None else mapped
         if gid != -1 and self.gids:
-            mapped = _translate(gid, self.gids, to_container=False)
-            if mapped is None:
-                raise OSError(errno.EINVAL, f"gid {gid} is not mapped")
-            gid = mapped
+            mapped = _to_disk(gid, self.gids)
+            gid = self.overflow_gid if mapped is None else mapped
         return uid, gid
+
+    def chown(self, target: Any, uid: int, gid: int, **at: Any) -> None:
+        """chown(2) of an upper object to the owner given through the mount (-1: unchanged).
+        With squashing the shown owner cannot change, so a refused chown is no error."""
+        uid, gid = self.stored(uid, gid)
+        if not self.squashing:
+            os.chown(target, uid, gid, **at)
+            return
+        with contextlib.suppress(PermissionError):
+            os.chown(target, uid, gid, **at)

@@ -38,9 +38,17 @@ def _refuse_hidden_name(name: bytes) -> None:
 
 class Mutations:
     def __init__(
-        self, tree: MergedTree, upper: Layer, work: WorkDir, copyup: CopyUp, *, oci_whiteouts: bool
+        self,
+        tree: MergedTree,
+        upper: Layer,
+        work: WorkDir,
+        copyup: CopyUp,
+        *,
+        oci_whiteouts: bool,
+        redirect_dir: bool = True,
     ) -> None:
         self.tree = tree
+        self.redirect_dir = redirect_dir  # off: a directory with lower content cannot move
         self.upper = upper
         self.work = work
         self.copyup = copyup
@@ -400,6 +408,11 @@ class Mutations:
                     raise OSError(errno.ENOTEMPTY, "target directory not empty")
         if source.is_dir and self._is_ancestor(source, new_parent):
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
+        if not self.redirect_dir:
+            for moving in (source, target if exchange else None):
+                if moving is not None and moving.is_dir and moving.lower:
+                    # -o redirect_dir=off: as kernel overlayfs, EXDEV (mv copies instead)
+                    raise OSError(errno.EXDEV, "redirect_dir=off: directory has lower content")
 
         await self.copyup.ensure_file(source, data=METADATA, via=(old_parent, old_name))
         target_below = (

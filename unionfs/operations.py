@@ -123,7 +123,12 @@ class Operations(pyfuse3.Operations):
         if tree.upper is not None and work is not None and config.writable:
             self.copyup = CopyUp(tree, tree.upper, work, run_in_thread, metacopy=config.metacopy)
             self.mutations = Mutations(
-                tree, tree.upper, work, self.copyup, oci_whiteouts=config.whiteout_format == "oci"
+                tree,
+                tree.upper,
+                work,
+                self.copyup,
+                oci_whiteouts=config.whiteout_format == "oci",
+                redirect_dir=config.redirect_dir,
             )
 
     def init(self) -> None:
@@ -140,13 +145,23 @@ class Operations(pyfuse3.Operations):
     def _attributes(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         if st is None:
             st = self.tree.stat(node)
-        attributes = entry_attributes(st, node.ino, self.tree.nlink(node, st), self.timeout)
+        if self.config.static_nlink and node.is_dir:
+            nlink = 1  # -o static_nlink (fuse-overlayfs): no link counting for directories
+        else:
+            nlink = self.tree.nlink(node, st)
+        attributes = entry_attributes(st, node.ino, nlink, self.timeout)
         if node.metacopy and node.lower:
             data = node.lower[0]  # the upper copy is all hole: show the data's allocation
             attributes.st_blocks = data.layer.lstat(data.path).st_blocks
         if not self.ids.identity:
             attributes.st_uid, attributes.st_gid = self.ids.shown(st.st_uid, st.st_gid)
         return attributes
+
+    def _xattrs_enabled(self) -> None:
+        """-o noxattrs=1: extended attributes are not supported (answered per request, never
+        ENOSYS, which would make the kernel refuse introspection's xattrs too)."""
+        if not self.config.xattrs:
+            raise OSError(errno.ENOTSUP, "extended attributes are off (noxattrs)")
 
     def _owner(self, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
         """The stored owner of an object the caller creates."""
@@ -229,6 +244,7 @@ class Operations(pyfuse3.Operations):
         attribute = os.fsdecode(name)
         if attribute.startswith(introspection.PREFIX):
             return introspection.answer(self, self._node(inode), attribute)
+        self._xattrs_enabled()
         stored = whiteout.stored_xattr_name(attribute)
         if stored is None:
             raise OSError(errno.ENODATA, "private")
@@ -240,6 +256,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._xattrs_enabled()
         dir_fd, entry = self.tree.top_location(self._node(inode))
         shown = (whiteout.shown_xattr_name(stored) for stored in safeio.list_xattrs(dir_fd, entry))
         return [os.fsencode(name) for name in shown if name is not None]
@@ -249,6 +266,7 @@ class Operations(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         attribute = os.fsdecode(name)
+        self._xattrs_enabled()
         writer = self._writer()
         stored = whiteout.stored_xattr_name(attribute)
         if stored is None or attribute.startswith(introspection.PREFIX):
@@ -262,6 +280,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         attribute = os.fsdecode(name)
+        self._xattrs_enabled()
         writer = self._writer()
         stored = whiteout.stored_xattr_name(attribute)
         if stored is None:
@@ -536,10 +555,8 @@ class Operations(pyfuse3.Operations):
                 finally:
                     os.close(fd)
         if fields.update_uid or fields.update_gid:
-            uid, gid = self.ids.stored(
-                attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1
-            )
-            os.chown(target, uid, gid, **at)
+            uid = attr.st_uid if fields.update_uid else -1
+            self.ids.chown(target, uid, attr.st_gid if fields.update_gid else -1, **at)
         if fields.update_mode:
             if stat.S_ISLNK(node.kind):
                 raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")

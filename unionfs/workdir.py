@@ -5,6 +5,11 @@ upper layer, so no one can ever see a half-made object. Its subdirectory ``work`
 one kernel overlayfs uses for the same purpose (and empties at mount), so the two stay
 compatible. Leftovers from a crash are removed when a mount starts. Its subdirectory
 ``index`` holds the hard-link index (see ``index``), also where the kernel keeps it.
+
+A ``volatile`` mount (no syncs) marks the upper as possibly incomplete where kernel overlayfs
+does, ``WORK/incompat/volatile/dirty``: a mount that finds ``WORK/incompat/volatile`` is
+refused (``volatile_marker``), by the kernel too. Unlike the kernel, unionfs removes the mark
+after a clean unmount, once ``syncfs`` of the upper's filesystem has succeeded.
 """
 
 from __future__ import annotations
@@ -19,11 +24,21 @@ from unionfs import safeio, whiteout
 WORK_NAME = b"work"
 INDEX_NAME = b"index"
 TEMP_PREFIX = b"#unionfs."
+INCOMPAT_NAME = b"incompat"
+VOLATILE_NAME = b"volatile"
+DIRTY_NAME = b"dirty"
+
+
+def volatile_marker(workdir: str) -> str | None:
+    """The path of the volatile mark a mount of this workdir must not ignore, if present."""
+    path = os.path.join(workdir, "work", "incompat", "volatile")
+    return path if os.path.lexists(path) else None
 
 
 class WorkDir:
-    def __init__(self, path: str, upper_device: int) -> None:
+    def __init__(self, path: str, upper_device: int, *, userxattr: bool = False) -> None:
         self.path = path
+        self.userxattr = userxattr
         base_fd = safeio.open_root(path)
         try:
             if os.fstat(base_fd).st_dev != upper_device:
@@ -53,7 +68,10 @@ class WorkDir:
     def _probe_xattr_prefix(self) -> str:
         """``trusted.overlay.`` where the kernel lets us write trusted xattrs, else
         ``user.overlay.`` (kernel overlayfs's ``userxattr`` form). Root inside a user namespace
-        has euid 0 but no trusted xattrs, so this is tried, not derived from the uid."""
+        has euid 0 but no trusted xattrs, so this is tried, not derived from the uid.
+        ``-o userxattr`` asks for ``user.overlay.`` everywhere, as kernel overlayfs's does."""
+        if self.userxattr:
+            return whiteout.USER_PREFIX
         probe = whiteout.TRUSTED_PREFIX + "unionfs-probe"
         try:
             os.setxattr(self.fd, probe, b"1")
@@ -73,6 +91,28 @@ class WorkDir:
             safeio.remove_tree(self.fd, name)
             removed += 1
         return removed
+
+    def mark_volatile(self) -> None:
+        """Leave the kernel's mark of a volatile mount: WORK/incompat/volatile/dirty."""
+        parent = self.fd
+        opened: list[int] = []
+        try:
+            for name in (INCOMPAT_NAME, VOLATILE_NAME):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=parent)
+                parent = safeio.open_dir(parent, name)
+                opened.append(parent)
+            os.close(safeio.open_file(parent, DIRTY_NAME, os.O_WRONLY | os.O_CREAT, 0o600))
+            for fd in (*reversed(opened), self.fd):
+                os.fsync(fd)  # the mark must be on disk before anything it warns about
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def clear_volatile(self) -> None:
+        """After a clean unmount of a volatile mount: remove the mark (the caller has synced)."""
+        safeio.remove_tree(self.fd, INCOMPAT_NAME)
+        os.fsync(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)

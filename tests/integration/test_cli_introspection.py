@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import TmpLayers
+from tests.support import DIR, TmpLayers, write_layer
 from tests.support.mounts import fuse_mounted, unionfs_mounted
 
 
@@ -67,20 +67,44 @@ def test_fuse_overlayfs_form(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: 
 
 
 @pytest.mark.root
-def test_uid_mapping_through_mount(tmp_layers: TmpLayers, tmp_path: Path,
-                                   mountpoint: Path) -> None:
-    layers = tmp_layers({"owned": "x"})
-    os.chown(layers[0] / "owned", 100000, 100000)
+def test_uid_mapping_through_mount(shared_tmp: Path) -> None:
+    """fuse-overlayfs's direction: uidmapping=ON_DISK:SHOWN:COUNT; chown and new files map back."""
+    tmp_path = shared_tmp  # uid 1000 below must reach the mount
+    layers = [write_layer(tmp_path / "layer", {"owned": "x", "other": "y", "dir": DIR})]
+    os.chown(layers[0] / "other", 7, 7)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    options = ["uidmapping=0:1000:1", "gidmapping=0:2000:1"]
     with unionfs_mounted(layers, mountpoint, upper=tmp_path / "up", workdir=tmp_path / "work",
-                         options=["uidmapping=0:100000:65536", "gidmapping=0:100000:65536"]) as mnt:
+                         options=options) as mnt:
         st = (mnt / "owned").stat()
-        assert (st.st_uid, st.st_gid) == (0, 0)
-        os.chown(mnt / "owned", 5, 6)
-        assert ((mnt / "owned").stat().st_uid, (mnt / "owned").stat().st_gid) == (5, 6)
-        stored = (tmp_path / "up/owned").stat()
-        assert (stored.st_uid, stored.st_gid) == (100005, 100006)
-        (mnt / "new").write_text("n")  # created by root (container 0) -> host 100000
-        assert (tmp_path / "up/new").stat().st_uid == 100000
+        assert (st.st_uid, st.st_gid) == (1000, 2000)  # 0:0 on disk
+        other = (mnt / "other").stat()
+        overflow = int(Path("/proc/sys/kernel/overflowuid").read_text())
+        assert other.st_uid == overflow  # 7 on disk is in no range
+        os.chown(mnt / "other", 1000, 2000)
+        stored = (tmp_path / "up/other").stat()
+        assert (stored.st_uid, stored.st_gid) == (0, 0)
+        # A process running as the shown owner (uid 1000) may write its directory (allow_other
+        # is on for root's mounts): the new file is stored as 0 on disk.
+        made = subprocess.run(
+            ["setpriv", "--reuid", "1000", "--regid", "2000", "--clear-groups", "sh", "-c",
+             f"echo n > {mnt}/dir/new"], capture_output=True, text=True, check=False)
+        assert made.returncode == 0, made.stderr
+        assert (mnt / "dir/new").stat().st_uid == 1000
+        new = (tmp_path / "up/dir/new").stat()
+        assert (new.st_uid, new.st_gid) == (0, 0)
+        (mnt / "by-root").write_text("r")  # root (uid 0) is in no range: the overflow id
+        assert (tmp_path / "up/by-root").stat().st_uid == overflow
+
+
+def test_status_numbers_lowers_base_first(tmp_layers: TmpLayers, mountpoint: Path) -> None:
+    layers = tmp_layers({"a": "1"}, {"b": "2"}, {"c": "3"})
+    with unionfs_mounted(layers, mountpoint) as mnt:
+        result = unionfs("status", str(mnt))
+    lines = [line.strip() for line in result.stdout.splitlines() if line.startswith("  lower")]
+    assert lines == [f"lower 0: {layers[0]}  (base)", f"lower 1: {layers[1]}",
+                     f"lower 2: {layers[2]}  (top)"], result.stdout
 
 
 def test_unwritable_log_is_a_one_line_error(tmp_layers: TmpLayers, mountpoint: Path,
