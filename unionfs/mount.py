@@ -4,11 +4,17 @@
 anything is mounted. ``mount`` then either serves in the foreground (SIGINT/SIGTERM unmount
 cleanly) or forks a daemon and returns only once the mount is live, like ``mount``: the
 child mounts, reports success or the error through a pipe, and serves.
+
+Once the kernel ends the connection (unmount) the daemon closes every layer fd first, then
+exits; the layers are reached through detached mount clones where allowed (``detached``), so
+the user's mounts holding them are never busy because of the daemon. The daemon works from
+``/``, never from the caller's directory (which would keep its filesystem busy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -22,12 +28,14 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from unionfs import options
 from unionfs.config import MountConfig
+from unionfs.detached import DetachedTrees
 from unionfs.index import HardLinkIndex
 from unionfs.layer import Layer
 from unionfs.operations import Operations
 from unionfs.tree import MergedTree
-from unionfs.workdir import WorkDir
+from unionfs.workdir import WorkDir, volatile_marker
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,9 @@ EXIT_LAYER = 3
 EXIT_MOUNTPOINT = 4
 EXIT_PERMISSION = 5
 EXIT_FUSE = 6
+
+SUBTYPE = "unionfs-py"  # the type in /proc/mounts is fuse.unionfs-py (unionfs-fuse's: fuse.unionfs)
+FSTYPE = "fuse." + SUBTYPE
 
 
 class MountError(Exception):
@@ -113,6 +124,7 @@ def validate(config: MountConfig) -> None:
     """Check everything that can be checked before mounting; raises MountError."""
     if not config.lowers:
         raise MountError(EXIT_USAGE, "no layers given")
+    _absolute_paths(config)
     seen: dict[str, str] = {}
     resolved_lowers: list[str] = []
     for layer in config.lowers:
@@ -154,8 +166,10 @@ def validate(config: MountConfig) -> None:
             raise MountError(EXIT_LAYER, f"workdir {config.workdir} is inside a layer")
         if os.stat(work).st_dev != os.stat(upper).st_dev:
             raise MountError(EXIT_LAYER, "workdir must be on the same filesystem as the upper")
+        _check_volatile_mark(config)
     _check_mountpoint(config)
     _check_fuse()
+    _check_privileged_options(config)
     if config.log_file is not None:
         try:
             with open(config.log_file, "a", encoding="utf-8"):
@@ -164,6 +178,65 @@ def validate(config: MountConfig) -> None:
             raise MountError(
                 EXIT_FAILURE, f"cannot write log {config.log_file}: {error.strerror}"
             ) from None
+
+
+def _absolute_paths(config: MountConfig) -> None:
+    """The daemon works from ``/``: every path it keeps must not depend on the caller's cwd."""
+    config.lowers = [os.path.abspath(layer) for layer in config.lowers]
+    config.mountpoint = os.path.abspath(config.mountpoint)
+    if config.upper is not None:
+        config.upper = os.path.abspath(config.upper)
+    if config.workdir is not None:
+        config.workdir = os.path.abspath(config.workdir)
+    if config.log_file is not None:
+        config.log_file = os.path.abspath(config.log_file)
+
+
+def _check_volatile_mark(config: MountConfig) -> None:
+    """Refuse an upper that a volatile mount did not leave cleanly (as kernel overlayfs does),
+    unless the user says its contents are fine (-o reuse_volatile)."""
+    assert config.workdir is not None
+    mark = volatile_marker(config.workdir)
+    if mark is None or config.reuse_volatile:
+        return
+    raise MountError(
+        EXIT_LAYER,
+        f"upper {config.upper} was mounted with -o volatile and not unmounted cleanly "
+        f"({mark} exists): its contents may be incomplete; start from an empty upper and "
+        "workdir, or pass -o reuse_volatile to use it anyway",
+    )
+
+
+def is_root() -> bool:
+    """Root, also root in a user namespace (rootless podman): fuse-overlayfs's test."""
+    return os.geteuid() == 0
+
+
+def user_allow_other() -> bool:
+    """/etc/fuse.conf lets ordinary users mount with allow_other."""
+    try:
+        with open("/etc/fuse.conf", encoding="utf-8", errors="replace") as conf:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in conf)
+    except OSError:
+        return False
+
+
+def _check_privileged_options(config: MountConfig) -> None:
+    """What fusermount3 would refuse or drop for an ordinary user, refused here first."""
+    if is_root():
+        return
+    given = set(options.fuse_mount_options(config, root=False))
+    for wanted in ("suid", "dev"):
+        if wanted in given:
+            raise MountError(
+                EXIT_PERMISSION,
+                f"-o {wanted} needs root: ordinary users' FUSE mounts are always nosuid,nodev",
+            )
+    if "allow_other" in given and not user_allow_other():
+        raise MountError(
+            EXIT_PERMISSION,
+            "-o allow_other needs root, or 'user_allow_other' in /etc/fuse.conf",
+        )
 
 
 def _check_mountpoint(config: MountConfig) -> None:
@@ -181,7 +254,7 @@ def _check_mountpoint(config: MountConfig) -> None:
     real = os.path.realpath(path)
     if real in mounted_paths():
         raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is already mounted")
-    if "nonempty" not in config.fuse_options:
+    if not config.nonempty:
         try:
             if os.listdir(path):
                 raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not empty")
@@ -215,19 +288,34 @@ def _check_fuse() -> None:
 
 
 def prepare(config: MountConfig) -> Prepared:
-    """Open every layer (top first: upper, then lowers top to bottom)."""
+    """Open every layer (top first: upper, then lowers top to bottom), through detached
+    clones of their mounts where allowed (see ``detached``)."""
     os.umask(0)
+    clones = DetachedTrees()
+    try:
+        return _open_layers(config, clones)
+    finally:
+        clones.close()  # the layers' own fds keep the clones they use alive
+
+
+def _open_layers(config: MountConfig, clones: DetachedTrees) -> Prepared:
     layers: list[Layer] = []
     index = 0
-    if config.upper is not None:
-        layers.append(Layer(config.upper, index, writable=config.writable))
+    upper_path, work_path = config.upper, config.workdir
+    if upper_path is not None and work_path is not None:
+        upper_path, work_path = clones.upper_and_work(upper_path, work_path)
+    if config.upper is not None and upper_path is not None:
+        layers.append(_layer(upper_path, config.upper, index, writable=config.writable))
         index += 1
     for path in reversed(config.lowers):
-        layers.append(Layer(path, index, writable=False))
+        layers.append(_layer(clones.layer(path), path, index, writable=False))
         index += 1
     work = None
-    if config.upper is not None and config.workdir is not None and config.writable:
-        work = WorkDir(config.workdir, layers[0].device)
+    if config.upper is not None and work_path is not None and config.writable:
+        work = WorkDir(work_path, layers[0].device, userxattr=config.userxattr)
+        work.path = config.workdir or work_path
+        if config.volatile:
+            work.mark_volatile()
     if config.upper is not None and not config.writable:
         layers[0].writable = False
     tree = MergedTree(layers)
@@ -236,15 +324,20 @@ def prepare(config: MountConfig) -> Prepared:
     return Prepared(tree, work)
 
 
-def fuse_options(config: MountConfig) -> set[str]:
-    options = set(pyfuse3.default_options)
-    options |= {"fsname=unionfs", "subtype=unionfs"}
-    options |= set(config.fuse_options)
-    if not config.writable:
-        options.add("ro")
+def _layer(open_path: str, shown_path: str, index: int, *, writable: bool) -> Layer:
+    layer = Layer(open_path, index, writable=writable)
+    layer.path = shown_path  # what status and which show: the user's path, not the clone's
+    return layer
+
+
+def fuse_options(config: MountConfig) -> list[str]:
+    """libfuse's options: as root (also in a user namespace) allow_other and suid unless the
+    options say otherwise, as fuse-overlayfs; see ``options.fuse_mount_options``."""
+    chosen = options.fuse_mount_options(config, root=is_root())
+    chosen.append(f"subtype={SUBTYPE}")
     if config.debug:
-        options.add("debug")
-    return options
+        chosen.append("debug")
+    return chosen
 
 
 def setup_logging(config: MountConfig, *, to_stderr: bool) -> None:
@@ -263,11 +356,20 @@ def setup_logging(config: MountConfig, *, to_stderr: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     log.info("pid=%d mounting %s", os.getpid(), config.mountpoint)
+    for note in config.notes:
+        log.debug("%s", note)
 
 
-async def _serve(operations: Operations, real_mountpoint: str) -> None:
+@dataclass
+class Shutdown:
+    """How the request loop ended: by a signal, or by the kernel ending the connection."""
+
+    signalled: bool = False
+
+
+async def _serve(operations: Operations, real_mountpoint: str, shutdown: Shutdown) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signals)
+        nursery.start_soon(_stop_on_signals, shutdown)
         nursery.start_soon(_tune_after_init, operations, real_mountpoint)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
@@ -280,10 +382,11 @@ async def _tune_after_init(operations: Operations, real_mountpoint: str) -> None
     raise_read_ahead(real_mountpoint)
 
 
-async def _stop_on_signals() -> None:
+async def _stop_on_signals(shutdown: Shutdown) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
+            shutdown.signalled = True
             pyfuse3.terminate()
             return
 
@@ -320,29 +423,66 @@ def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> i
     gc.set_threshold(50_000, 20, 20)
     real_mountpoint = os.path.realpath(config.mountpoint)  # resolved before it is our mount
     try:
-        pyfuse3.init(operations, config.mountpoint, fuse_options(config))
+        pyfuse3.init(operations, config.mountpoint, set(fuse_options(config)))
     except RuntimeError as error:
         raise MountError(EXIT_FUSE, f"cannot mount {config.mountpoint}: {error}") from None
     if callable(on_ready):
         on_ready()
     log.info("mounted %s", config.mountpoint)
+    shutdown = Shutdown()
+    clean = False
     try:
-        trio.run(_serve, operations, real_mountpoint)
+        trio.run(_serve, operations, real_mountpoint, shutdown)
+        # Ended by the kernel (unmount) or by a signal; a connection aborted under a live
+        # mount point (fusectl abort) is no clean end: the kernel may have dropped data.
+        still_mounted = real_mountpoint in mounted_paths()
+        clean = shutdown.signalled or not still_mounted
         log.info("request loop ended")
     finally:
+        # Layer fds first: the kernel has let go of the mount, nothing may keep the user's
+        # filesystems busy any longer (umount LOWERFS right after fusermount3 -u).
+        release_layers(operations, prepared, volatile_clean=clean and config.volatile)
         pyfuse3.close(unmount=real_mountpoint in mounted_paths())
-        operations.handles.close_all()
-        prepared.tree.close()
-        if prepared.work is not None:
-            prepared.work.close()
         log.info("unmounted %s", config.mountpoint)
     return 0
+
+
+def release_layers(
+    operations: Operations, prepared: Prepared, *, volatile_clean: bool = False
+) -> None:
+    """Close every fd the mount holds on its layers (open files, directories, layer roots).
+    After a clean end of a volatile mount, sync the upper's filesystem and remove the volatile
+    mark (see ``workdir``)."""
+    operations.handles.close_all()
+    upper = prepared.tree.upper
+    if volatile_clean and prepared.work is not None and upper is not None:
+        try:
+            syncfs(upper.root_fd)
+            prepared.work.clear_volatile()
+            log.info("volatile mount ended cleanly: upper synced, mark removed")
+        except OSError as error:
+            log.warning("volatile mark kept: %s", error)
+    prepared.tree.close()
+    if prepared.work is not None:
+        prepared.work.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    if _libc.syncfs(ctypes.c_int(fd)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"syncfs: {os.strerror(code)}")
 
 
 def mount(config: MountConfig) -> int:
     """Validate, then serve in the foreground or in a daemon that outlives this call."""
     validate(config)
+    if config.fake:
+        return 0
     if config.foreground:
+        os.chdir("/")
         setup_logging(config, to_stderr=True)
         try:
             prepared = prepare(config)
@@ -373,6 +513,7 @@ def _daemonize(config: MountConfig) -> int:
     status = 0
     try:
         os.setsid()
+        os.chdir("/")  # the caller's directory must not stay busy because of the daemon
         setup_logging(config, to_stderr=False)
 
         def ready() -> None:
