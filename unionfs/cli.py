@@ -4,19 +4,30 @@ Exit codes: 0 ok; 1 unexpected failure; 2 usage error; 3 bad layer/upper/workdir
 4 bad mountpoint; 5 permission denied; 6 /dev/fuse or fusermount3 unusable.
 Besides the subcommands, the fuse-overlayfs form ``unionfs -o lowerdir=TOP:...:BASE,...
 MOUNTPOINT`` (how podman and buildah call a ``mount_program``) and the ``mount.fuse3`` form
-``unionfs SOURCE MOUNTPOINT -o ...`` are accepted.
+``unionfs SOURCE MOUNTPOINT -o ...`` are accepted, and ``unionfs mount-helper SOURCE
+MOUNTPOINT [-sfnv] [-o OPTS] [-t TYPE]`` is how mount(8) calls ``/sbin/mount.fuse.unionfs-py``
+(installed by ``scripts/containers-mount-helper``): ``mount -t fuse.unionfs-py`` and fstab.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from unionfs import __version__, commands
 from unionfs.config import MountConfig
-from unionfs.mount import EXIT_FAILURE, EXIT_USAGE, MountError, mount, unmount
+from unionfs.mount import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    FSTYPE,
+    SUBTYPE,
+    MountError,
+    mount,
+    unmount,
+)
 from unionfs.options import OptionError, apply_options, split_options
 
 SUBCOMMANDS = (
@@ -30,6 +41,16 @@ SUBCOMMANDS = (
     "run",
     "check",
 )
+MOUNT_EPILOG = """mount -t fuse.unionfs-py SOURCE MOUNTPOINT -o lowerdir=TOP:...:BASE,... and fstab
+lines of type fuse.unionfs-py reach this program through /sbin/mount.fuse.unionfs-py
+(scripts/containers-mount-helper installs it). As root, allow_other and suid are on unless
+-o nosuid / allow_root say otherwise; every option's status is listed in README.md.
+
+"""
+RUN_USAGE = (
+    "unionfs run [-h] [--upper DIR] [--workdir DIR] [--image DEST] [LAYER...] -- COMMAND [ARG...]"
+)
+RUN_HINT = "put -- before the command: " + RUN_USAGE.replace("unionfs run [-h] ", "unionfs run ")
 EXIT_CODES = """exit codes:
   0  success
   1  unexpected failure
@@ -100,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount the layers of an image made by 'unionfs import' (below any LAYERs given)",
     )
     mount_parser.add_argument("paths", nargs="+", metavar="LAYER... MOUNTPOINT")
+    mount_parser.epilog = MOUNT_EPILOG + EXIT_CODES
 
     umount_parser = commands.add_parser(
         "umount",
@@ -135,11 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser = commands.add_parser(
         "run",
         help="run COMMAND in the merged tree as a rootless container",
+        usage=RUN_USAGE,
         description="Mount LAYERs (base first), run COMMAND inside them with bubblewrap (or "
-        "unshare), unmount, and exit with COMMAND's status.",
+        "unshare), unmount, and exit with COMMAND's status. Everything after -- is the "
+        "command and its arguments; with --image and no command, the image's own runs.",
+        epilog="exit status: COMMAND's; 127 when it is not found in the tree, 126 when it "
+        "cannot be executed, 128+N when signal N killed it; 2-6 as for mount.",
     )
     run_parser.add_argument(
         "--upper", metavar="DIR", help="keep changes here (default: a temporary upper, discarded)"
+    )
+    run_parser.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="scratch dir on the upper's filesystem (default: .UPPER.unionfs-work beside it)",
     )
     run_parser.add_argument("--image", metavar="DEST", help="an image made by 'unionfs import'")
     run_parser.add_argument("layers", nargs="*", metavar="LAYER")
@@ -186,13 +217,56 @@ def _config_from_options(option_args: Sequence[str], config: MountConfig) -> Non
     apply_options(config, options)
 
 
+def _parse_run(argv: Sequence[str]) -> tuple[str, Any]:
+    """``run [OPTIONS] [LAYER...] -- COMMAND [ARG...]``: the command follows ``--``."""
+    arguments = list(argv)
+    if "--" in arguments:
+        split = arguments.index("--")
+        args = build_parser().parse_args(arguments[:split])
+        args.command_line = arguments[split + 1 :]
+        return "run", args
+    if any(arg in ("-h", "--help") for arg in arguments):
+        build_parser().parse_args(arguments)  # prints the help and exits
+    args, unknown = build_parser().parse_known_args(arguments)
+    not_layers = [layer for layer in args.layers if not os.path.isdir(layer)]
+    if unknown or not_layers or (not args.layers and args.image is None):
+        stray = (unknown or not_layers or [""])[0]
+        named = f" ({stray!r} is no layer directory)" if stray else ""
+        raise OptionError(f"run: {RUN_HINT}{named}")
+    args.command_line = []
+    return "run", args
+
+
+def _parse_mount_helper(argv: Sequence[str]) -> MountConfig:
+    """``mount-helper SOURCE MOUNTPOINT [-sfnv] [-N NS] [-o OPTS] [-t TYPE]``: mount(8)'s
+    call of ``/sbin/mount.fuse.unionfs-py``. ``-f`` is mount's "fake": check, do not mount."""
+    parser = Parser(prog="mount.fuse.unionfs-py", add_help=False)
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    parser.add_argument("-t", dest="type")
+    parser.add_argument("-N", dest="namespace")
+    for flag in ("-s", "-f", "-n", "-v"):
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    args = parser.parse_args(list(argv))
+    if args.namespace is not None:
+        raise OptionError("mount -N (another mount namespace) is not supported")
+    if args.type not in (None, FSTYPE, SUBTYPE):
+        raise OptionError(f"mount.fuse.unionfs-py cannot mount type {args.type}")
+    config = MountConfig(lowers=[], mountpoint=args.mountpoint, debug=False)
+    _config_from_options(args.options, config)
+    if not config.lowers:
+        raise OptionError("missing -o lowerdir=TOP:...:BASE")
+    config.fake = args.f
+    return config
+
+
 def parse(argv: Sequence[str]) -> tuple[str, Any]:
     """Returns ("mount", MountConfig), ("umount", mountpoint) or (command, namespace)."""
-    if "--" in argv and argv and argv[0] == "run":
-        split = list(argv).index("--")
-        args = build_parser().parse_args(list(argv[:split]))
-        args.command_line = list(argv[split + 1 :])
-        return "run", args
+    if argv and argv[0] == "run":
+        return _parse_run(argv)
+    if argv and argv[0] == "mount-helper":
+        return "mount", _parse_mount_helper(argv[1:])
     first = next((arg for arg in argv if not arg.startswith("-")), None)
     wants_help = any(arg in ("-h", "--help", "--version") for arg in argv)
     if first not in SUBCOMMANDS and not (wants_help and first is None) and argv:
@@ -283,8 +357,10 @@ def dispatch(action: str, args: argparse.Namespace) -> int:
         return commands.diff(args.source, args.output, args.lower)
     if action == "run":
         if not args.command_line and args.image is None:
-            raise OptionError("run needs a command after --, or --image with a default command")
-        return commands.run(args.layers, args.command_line, args.upper, args.image)
+            raise OptionError(f"run: no command: {RUN_HINT}")
+        return commands.run(
+            args.layers, args.command_line, args.upper, args.image, workdir=args.workdir
+        )
     if action == "check":
         return commands.check(args.upper, args.workdir, args.lower, args.repair)
     raise OptionError(f"unknown command {action}")

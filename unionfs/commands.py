@@ -17,6 +17,7 @@ from unionfs.mount import (
     EXIT_FAILURE,
     EXIT_LAYER,
     EXIT_MOUNTPOINT,
+    FSTYPE,
     mount_table,
     mounted_paths,
 )
@@ -31,7 +32,7 @@ class CommandError(Exception):
 
 def unionfs_mounts() -> list[str]:
     """Mount points of the unionfs mounts this process can see."""
-    return [entry.mountpoint for entry in mount_table() if entry.fstype == "fuse.unionfs"]
+    return [entry.mountpoint for entry in mount_table() if entry.fstype == FSTYPE]
 
 
 def mount_status(mountpoint: str) -> dict[str, Any]:
@@ -73,8 +74,10 @@ def status(mountpoint: str | None) -> int:
             continue
         upper = document.get("upper")
         print(f"{document['mountpoint']}  (pid {document['pid']})")
-        for index, layer in enumerate(reversed(document["lowers"])):
-            print(f"  lower {index}: {layer}")
+        lowers = document["lowers"]  # base first, numbered as `unionfs mount` takes them
+        for index, layer in enumerate(lowers):
+            role = "  (base)" if index == 0 else "  (top)" if index == len(lowers) - 1 else ""
+            print(f"  lower {index}: {layer}{role}")
         if upper:
             print(f"  upper:   {upper}  ({_tree_size(upper) // 1024} KiB)")
         else:
@@ -116,8 +119,13 @@ def import_image(image: str, dest: str) -> int:
         )
     except oci.ImageError as error:
         raise CommandError(EXIT_LAYER, str(error)) from None
+    except OSError as error:  # ENOSPC, EACCES, ...: what was unpacked is removed already
+        where = f" ({error.filename})" if error.filename else ""
+        raise CommandError(EXIT_FAILURE, f"import failed: {error.strerror}{where}") from None
     for layer in result.new_layers:
         print(f"{layer.directory}  {layer.digest}")
+    if not result.new_layers:
+        print(f"{dest} already holds {image}: nothing imported")
     print(f"manifest {result.manifest} ({len(result.layers)} layers)")
     return 0
 
@@ -136,12 +144,22 @@ def diff(source: str, output: str, lowers: list[str]) -> int:
         lower_paths = lower_paths or [Path(layer) for layer in document["lowers"]]
     if not os.path.isdir(upper):
         raise CommandError(EXIT_LAYER, f"upper {upper} is not a directory")
+    for lower in lower_paths:
+        if not lower.exists():
+            raise CommandError(EXIT_LAYER, f"lower {lower} does not exist")
+        if not lower.is_dir():
+            raise CommandError(EXIT_LAYER, f"lower {lower} is not a directory")
     try:
         result = oci.diff_upper(
             Path(upper), Path(output), progress=sys.stderr.isatty(), lowers=lower_paths or None
         )
     except oci.ImageError as error:
         raise CommandError(EXIT_LAYER, str(error)) from None
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise CommandError(
+            EXIT_FAILURE, f"cannot export {upper}: {error.strerror}{where}"
+        ) from None
     for warning in result.warnings:
         print(f"unionfs: warning: {warning}", file=sys.stderr)
     print(result.summary())
@@ -157,7 +175,14 @@ def image_layers(dest: str) -> list[str]:
         raise CommandError(EXIT_LAYER, str(error)) from None
 
 
-def run(layers: list[str], command: list[str], upper: str | None, image: str | None) -> int:
+def run(
+    layers: list[str],
+    command: list[str],
+    upper: str | None,
+    image: str | None,
+    *,
+    workdir: str | None = None,
+) -> int:
     from unionfs import oci
     from unionfs import run as runner
 
@@ -174,7 +199,9 @@ def run(layers: list[str], command: list[str], upper: str | None, image: str | N
             [Path(layer) for layer in layers],
             command,
             upper=Path(upper) if upper else None,
+            workdir=Path(workdir) if workdir else None,
             env=environment,
+            warn=lambda message: print(f"unionfs: warning: {message}", file=sys.stderr),
         )
     except runner.RunError as error:
         raise CommandError(error.exit_code, str(error)) from None

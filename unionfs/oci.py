@@ -9,8 +9,12 @@ Public interface (wired into the CLI by ``unionfs.cli``):
     tarball or extracted directory (``manifest.json``), or a bare layer tarball (one layer).
     Layers are unpacked base first into ``dest/layers/<n>-<shortdigest>/`` and listed in
     ``dest/manifest.json`` (see :func:`image_layers`). When ``dest`` already holds an image
-    imported by us, the new layers are stacked *on top* of the existing ones (this is how a
-    ``diff_upper`` tarball is added as a new layer). ``dest`` must otherwise be missing or empty.
+    imported by us, a bare layer tarball is stacked *on top* of the existing ones (this is how a
+    ``diff_upper`` tarball is added as a new layer; the same tarball again adds nothing); an
+    image adds only the layers ``dest`` does not start with already (the same image again adds
+    nothing) and is refused when ``dest``'s layers are not its first ones. ``dest`` must
+    otherwise be missing or empty. A failed import removes every layer it unpacked (and
+    ``dest`` when it made it): ``dest`` is as before.
     Conversion: ``.wh.NAME`` becomes an overlay whiteout (char device 0/0) when ``mknod`` of one
     works here, else it stays a ``.wh.NAME`` file (unionfs reads both); ``.wh..wh..opq`` becomes
     ``trusted.overlay.opaque=y`` as root, ``user.overlay.opaque=y`` otherwise, or stays a marker
@@ -317,7 +321,11 @@ class _Source:
             self.tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 (closed by close())
         except (tarfile.TarError, OSError) as error:
             raise ImageError(f"{path}: not an image directory or tarball ({error})") from error
-        self.names = {m.name.removeprefix("./") for m in self.tar.getmembers()}
+        try:
+            self.names = {m.name.removeprefix("./") for m in self.tar.getmembers()}
+        except (tarfile.TarError, OSError, EOFError) as error:
+            self.tar.close()
+            raise ImageError(f"{path}: truncated or corrupt tarball ({error})") from None
 
     def close(self) -> None:
         if self.tar is not None:
@@ -969,7 +977,18 @@ def _write_manifest(dest_fd: int, document: dict[str, Any]) -> None:
 def import_image(
     image: Path, dest: Path, *, progress: bool, warn: Callable[[str], None] | None = None
 ) -> ImportResult:
-    """Unpack ``image`` into ``dest`` (see the module docstring). Raises :class:`ImageError`."""
+    """Unpack ``image`` into ``dest`` (see the module docstring). Raises :class:`ImageError`;
+    a failed import leaves ``dest`` as it was (the layers it unpacked are removed, and ``dest``
+    itself when this import made it)."""
+    try:
+        return _import_image(image, dest, progress=progress, warn=warn)
+    except (tarfile.TarError, EOFError, gzip_module.BadGzipFile, zlib_error()) as error:
+        raise ImageError(f"{image}: truncated or corrupt image ({error})") from None
+
+
+def _import_image(
+    image: Path, dest: Path, *, progress: bool, warn: Callable[[str], None] | None
+) -> ImportResult:
     warnings: list[str] = []
 
     def _warn(message: str) -> None:
@@ -981,33 +1000,39 @@ def import_image(
 
     if not image.exists():
         raise ImageError(f"{image}: no such image")
+    made_dest = not dest.exists()
     source = _Source(image)
     try:
         refs, config = _read_layout(source)
+        bare = not source.has("index.json") and not source.has("manifest.json")
         dest_fd, existing, old_config = _open_dest(dest)
     except BaseException:
         source.close()
+        if made_dest:
+            with contextlib.suppress(OSError):
+                dest.rmdir()
         raise
+    made: list[str] = []  # layer directories this import created (removed if it fails)
+    layers_fd = -1
     try:
+        refs = _layers_to_import(image, dest, refs, existing, bare=bare)
         with contextlib.suppress(FileExistsError):
             os.mkdir(LAYERS_DIR, 0o755, dir_fd=dest_fd)
         layers_fd = os.open(LAYERS_DIR, DIR_FLAGS, dir_fd=dest_fd)
+        mknod_ok = _can_mknod_whiteout(layers_fd)
+        new_layers: list[LayerInfo] = []
+        bar = _Progress(progress, f"import {image.name}")
         try:
-            mknod_ok = _can_mknod_whiteout(layers_fd)
-            new_layers: list[LayerInfo] = []
-            bar = _Progress(progress, f"import {image.name}")
-            try:
-                for i, ref in enumerate(refs):
-                    number = len(existing) + i
-                    info = _import_layer(
-                        source, ref, dest, layers_fd, number,
-                        label=f"layer {i + 1}/{len(refs)}", mknod_ok=mknod_ok, warn=_warn, bar=bar,
-                    )  # fmt: skip
-                    new_layers.append(info)
-            finally:
-                bar.close()
+            for i, ref in enumerate(refs):
+                number = len(existing) + i
+                info = _import_layer(
+                    source, ref, dest, layers_fd, number,
+                    label=f"layer {i + 1}/{len(refs)}", mknod_ok=mknod_ok, warn=_warn, bar=bar,
+                )  # fmt: skip
+                made.append(info.directory.name)
+                new_layers.append(info)
         finally:
-            os.close(layers_fd)
+            bar.close()
         runtime = config.get("config") if isinstance(config.get("config"), dict) else None
         merged_config = dict(runtime) if runtime else old_config
         all_layers = [
@@ -1030,14 +1055,73 @@ def import_image(
             "config": merged_config,
             "source": str(image),
         }
-        _write_manifest(dest_fd, document)
+        if new_layers or not existing:
+            _write_manifest(dest_fd, document)
+    except BaseException:
+        if layers_fd >= 0:
+            for name in made:
+                with contextlib.suppress(OSError):
+                    _remove_entry(layers_fd, name)
+        if made_dest:
+            with contextlib.suppress(OSError):
+                _remove_entry(dest_fd, LAYERS_DIR)
+                dest.rmdir()
+        raise
     finally:
+        if layers_fd >= 0:
+            os.close(layers_fd)
         os.close(dest_fd)
         source.close()
     return ImportResult(
         dest=dest, manifest=dest / MANIFEST_NAME, layers=all_layers, new_layers=new_layers,
         warnings=warnings, config=merged_config,
     )  # fmt: skip
+
+
+def _layer_key(digest: object, diff_id: object) -> tuple[str, str]:
+    return (str(digest or ""), str(diff_id or ""))
+
+
+def _same_layer(ref: _LayerRef, existing: dict[str, Any]) -> bool:
+    """Whether an image's layer is the layer already unpacked (by diff_id, else digest)."""
+    if ref.diff_id and existing.get("diff_id"):
+        return bool(ref.diff_id == existing["diff_id"])
+    if ref.digest and existing.get("digest"):
+        return bool(ref.digest == existing["digest"])
+    return False
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(COPY_CHUNK):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _layers_to_import(
+    image: Path, dest: Path, refs: list[_LayerRef], existing: list[dict[str, Any]], *, bare: bool
+) -> list[_LayerRef]:
+    """Which of ``image``'s layers to unpack into ``dest``: all of them into an empty ``dest``;
+    a bare layer tarball goes on top (not again when it already is the top layer); an image
+    whose first layers are already there adds the rest (nothing when it is all there); an image
+    that does not start with ``dest``'s layers is refused."""
+    if not existing:
+        return refs
+    if bare:
+        if refs and existing[-1].get("digest") == _file_digest(image):
+            return []  # importing the same layer again changes nothing
+        return refs
+    count = len(existing)
+    if count > len(refs) or not all(
+        _same_layer(ref, layer) for ref, layer in zip(refs, existing, strict=False)
+    ):
+        raise ImageError(
+            f"{dest} already holds another image ({count} layers) that {image} does not "
+            "start with: import it into an empty directory (a bare layer tarball is stacked "
+            "on top instead)"
+        )
+    return refs[count:]
 
 
 def _import_layer(

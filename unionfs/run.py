@@ -23,6 +23,11 @@ Public interface (wired into the CLI by ``unionfs.cli``):
     (128+N when killed by signal N, 127 when it could not be started inside).
     Raises :class:`RunError` (with ``exit_code``: the mount command's own code, 3..6, or 1) when
     the stack cannot be mounted or no container tool is available; its message is one line.
+    Before starting the container the command is looked up in the merged tree as a shell would
+    (``PATH`` of the environment inside; symlinks resolved inside the tree): not found is
+    RunError 127, found but not executable (or a directory) is RunError 126.
+    ``warn`` (one line each) is told when an ordinary user runs on layers whose files belong to
+    other users: inside, those show as ``nobody`` and cannot be changed.
 
 ``image_command(config: dict, command: list[str]) -> list[str]`` and
 ``image_env(config: dict) -> dict[str, str]``: what an OCI image config (``oci.image_config``)
@@ -32,15 +37,18 @@ says to run and with which environment, for ``unionfs run --image DEST [-- COMMA
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MOUNT_TIMEOUT = 60.0
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class RunError(Exception):
@@ -128,6 +137,85 @@ def _unmount(mountpoint: Path) -> None:
         log.warning("could not unmount %s", mountpoint)
 
 
+def foreign_owner(layers: Sequence[Path]) -> int | None:
+    """For an ordinary user: the owner of the layers' top directories when it is someone else
+    (their files would show as nobody in a user namespace that maps only the caller)."""
+    me = os.geteuid()
+    if me == 0:
+        return None
+    for layer in layers:
+        for name in ("", "bin", "etc", "usr"):
+            try:
+                owner = os.lstat(layer / name).st_uid
+            except OSError:
+                continue
+            if owner != me:
+                return owner
+    return None
+
+
+SYS_OPENAT2 = 437
+RESOLVE_IN_ROOT = 0x10
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _stat_in_root(root_fd: int, path: str) -> os.stat_result | None:
+    """lstat-after-symlinks of ``path`` with ``root_fd`` as ``/`` (openat2 RESOLVE_IN_ROOT): the
+    file a container would exec. None when it does not exist."""
+    how = _OpenHow(O_PATH | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT)
+    fd = _libc.syscall(
+        ctypes.c_long(SYS_OPENAT2),
+        ctypes.c_int(root_fd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd < 0:
+        code = ctypes.get_errno()
+        if code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise OSError(code, os.strerror(code), path)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def check_command(merged: Path, command: Sequence[str], path: str, cwd: str = "/") -> None:
+    """Raise RunError 127 (not found) or 126 (not executable) as a shell would exit, looking
+    the command up inside the merged tree; pass where the kernel cannot resolve in a root."""
+    name = command[0]
+    if "/" in name:
+        candidates = [name if name.startswith("/") else os.path.join(cwd, name)]
+    else:
+        candidates = [os.path.join(directory or ".", name) for directory in path.split(":")]
+    root_fd = os.open(merged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    found_unusable = False
+    try:
+        for candidate in candidates:
+            try:
+                st = _stat_in_root(root_fd, candidate)
+            except OSError as error:
+                if error.errno in (errno.ENOSYS, errno.EINVAL):
+                    return  # no openat2 here: let the container report it
+                found_unusable = found_unusable or error.errno == errno.EACCES
+                continue
+            if st is None:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+                return
+            found_unusable = True
+    finally:
+        os.close(root_fd)
+    if found_unusable:
+        raise RunError(f"{name}: cannot execute (not an executable file)", 126)
+    raise RunError(f"{name}: command not found in the container", 127)
+
+
 def container_argv(merged: Path, command: Sequence[str], *, cwd: str = "/") -> list[str]:
     """The argv running ``command`` with ``merged`` as its root (bwrap, else unshare+chroot)."""
     bwrap = shutil.which("bwrap")
@@ -161,10 +249,21 @@ def run_in_union(
     env: Mapping[str, str] | None = None,
     cwd: str = "/",
     mount_log: Path | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> int:
     """Mount ``layers`` (base first), run ``command`` inside as a container, unmount, return rc."""
     if not command:
         raise RunError("no command to run", 2)
+    if workdir is not None and upper is None:
+        raise RunError("--workdir needs --upper (the temporary upper has its own)", 2)
+    if warn is not None:
+        foreign = foreign_owner(layers)
+        if foreign is not None:
+            warn(
+                f"the layers' files belong to uid {foreign}, not to you (uid {os.geteuid()}): "
+                "inside they show as nobody and cannot be changed; import the image as "
+                "yourself, or run as root"
+            )
     scratch = Path(tempfile.mkdtemp(prefix="unionfs-run-"))
     merged = scratch / "merged"
     merged.mkdir()
@@ -179,6 +278,7 @@ def run_in_union(
         _mount(layers, merged, upper, workdir, log_file)
         mounted = True
         environment = dict(env) if env is not None else _default_env()
+        check_command(merged, command, environment.get("PATH", DEFAULT_PATH), cwd)
         proc = subprocess.Popen(argv, env=environment)
         try:
             returncode = proc.wait()

@@ -179,6 +179,7 @@ class PodmanRig:
         }
         if self.user is not None:
             (r / "xdg").mkdir(mode=0o700)
+            (r / "tmp").mkdir(mode=0o700)
             shutil.chown(r, self.user, self.user)
             for p in r.iterdir():
                 shutil.chown(p, self.user, self.user)
@@ -188,8 +189,10 @@ class PodmanRig:
             return [tool, *args]
         env = [f"{k}={v}" for k, v in self.env.items()]
         xdg = f"XDG_RUNTIME_DIR={self.root}/xdg"
-        return ["runuser", "-u", self.user, "--", "env", *env, xdg, f"HOME={self.root}", tool,
-                *args]  # fmt: skip
+        # The caller's TMPDIR may be private to it: podman needs one the user can write.
+        tmp = f"TMPDIR={self.root}/tmp"
+        return ["runuser", "-u", self.user, "--", "env", *env, xdg, tmp, f"HOME={self.root}",
+                tool, *args]  # fmt: skip
 
     def run(
         self, tool: str, *args: str, check: bool = True, timeout: float = 120,

@@ -68,10 +68,11 @@ def test_example_image_shows_the_documented_merged_view(mountpoint: Path) -> Non
 
 
 def test_mount_shows_as_unionfs_in_proc_mounts(tmp_path: Path, mountpoint: Path) -> None:
+    """Type fuse.unionfs-py: unionfs-fuse's mounts are fuse.unionfs, which status must not list."""
     with unionfs_mounted(EXAMPLE_LAYERS[:1], mountpoint) as mounted:
         entry = mount_entry(mounted)
         assert entry is not None
-        assert (entry.fstype, entry.source) == ("fuse.unionfs", "unionfs")
+        assert (entry.fstype, entry.source) == ("fuse.unionfs-py", "unionfs")
 
 
 def test_umount_subcommand_unmounts_and_the_daemon_exits(tmp_path: Path, mountpoint: Path) -> None:
