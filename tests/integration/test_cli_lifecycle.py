@@ -4,6 +4,7 @@ the fuse-overlayfs command line, an ordinary user, and the example image ``scrip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -187,3 +188,139 @@ def test_ordinary_user_mounts_and_unmounts(
         assert not is_mounted(mountpoint)
     finally:
         unmount_fuse(mountpoint, pids=daemon_pids(mountpoint, "unionfs"))
+
+
+def _burn_cpu(seconds: float) -> subprocess.Popen[bytes]:
+    """A process keeping one CPU busy for ``seconds`` (load for the race below)."""
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def _mount_lower_filesystem(kind: str, where: Path, image: Path) -> None:
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], check=True)
+        return
+    if not image.exists():
+        if shutil.which("mkfs.ext4") is None or shutil.which("losetup") is None:
+            pytest.skip("needs mkfs.ext4 and losetup")
+        with open(image, "wb") as file:
+            file.truncate(64 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True)
+
+
+def _daemon_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pid: int) -> bool:
+    """Bounded wait for the daemon's exit (no timing claim, only that it happens)."""
+    for _ in range(600):
+        if _daemon_gone(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _mount_stack_on(lowerfs: Path, name: str, mnt: Path, log: Path) -> int:
+    layers = lowerfs / name
+    for part in ("base", "top", "upper", "work"):
+        (layers / part).mkdir(parents=True)
+    (layers / "base" / "f").write_text("base\n")
+    (layers / "top" / "g").write_text("top\n")
+    mounted = subprocess.run(
+        [sys.executable, "-m", "unionfs", "mount", "--log", str(log),  # log: not on LOWERFS
+         "--upper", str(layers / "upper"), "--workdir", str(layers / "work"),
+         str(layers / "base"), str(layers / "top"), str(mnt)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert mounted.returncode == 0, mounted.stderr
+    pid = pid_from_log(log)
+    assert pid is not None
+    return pid
+
+
+@pytest.mark.root
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", ["tmpfs", "loop-ext4"])
+def test_layers_filesystem_unmounts_while_the_daemon_has_not_exited_yet(
+    kind: str, tmp_path: Path
+) -> None:
+    """The worst case of the race: the daemon is stopped (SIGSTOP) when ``fusermount3 -u``
+    returns, so it still holds every layer fd. It reached its layers through private detached
+    mount clones, so ``umount LOWERFS`` succeeds anyway (before: EBUSY); once continued, the
+    daemon finds its connection gone, closes everything and exits."""
+    lowerfs, mnt = tmp_path / "lowerfs", tmp_path / "mnt"
+    lowerfs.mkdir()
+    mnt.mkdir()
+    _mount_lower_filesystem(kind, lowerfs, tmp_path / "lower.img")
+    pid = None
+    try:
+        pid = _mount_stack_on(lowerfs, "stack", mnt, tmp_path / "daemon.log")
+        assert (mnt / "f").read_text() == "base\n" and sorted(os.listdir(mnt)) == ["f", "g"]
+        os.kill(pid, signal.SIGSTOP)
+        unmounted = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True,
+                                   text=True, check=False, timeout=30)  # fmt: skip
+        assert unmounted.returncode == 0, unmounted.stderr
+        lower_gone = subprocess.run(["umount", str(lowerfs)], capture_output=True, text=True,
+                                    check=False, timeout=30)  # fmt: skip
+        assert lower_gone.returncode == 0, lower_gone.stderr
+        os.kill(pid, signal.SIGCONT)
+        assert _wait_gone(pid), "the daemon did not exit after its connection ended"
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        unmount_fuse(mnt)
+        if is_mounted(lowerfs):
+            if pid is not None:
+                _wait_gone(pid)
+            subprocess.run(["umount", str(lowerfs)], check=False, capture_output=True)
+
+
+@pytest.mark.root
+@pytest.mark.timeout(400)
+def test_umount_of_the_layers_filesystem_right_after_fusermount_under_load(
+    tmp_path: Path,
+) -> None:
+    """The same race as it happens: many rounds of mount, copy-up, ``fusermount3 -u`` and an
+    immediate ``umount LOWERFS`` on a loaded machine; no round may see EBUSY (before: about one
+    in three under load)."""
+    lowerfs, mnt = tmp_path / "lowerfs", tmp_path / "mnt"
+    lowerfs.mkdir()
+    mnt.mkdir()
+    burners = [_burn_cpu(300) for _ in range(2)]
+    failures: list[str] = []
+    try:
+        for round_number in range(8):
+            _mount_lower_filesystem("tmpfs", lowerfs, tmp_path / "unused.img")
+            pid = None
+            try:
+                log = tmp_path / f"daemon-{round_number}.log"
+                pid = _mount_stack_on(lowerfs, "stack", mnt, log)
+                (mnt / "f").write_text("changed\n")  # a copy-up: upper and workdir fds too
+                (mnt / "new").write_text("new\n")
+                os.listdir(mnt)
+                unmounted = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True,
+                                           text=True, check=False)  # fmt: skip
+                assert unmounted.returncode == 0, unmounted.stderr
+                lower_gone = subprocess.run(["umount", str(lowerfs)], capture_output=True,
+                                            text=True, check=False)  # fmt: skip
+                if lower_gone.returncode != 0:
+                    failures.append(f"round {round_number}: {lower_gone.stderr.strip()}")
+                if not _wait_gone(pid):
+                    failures.append(f"round {round_number}: daemon {pid} still running")
+            finally:
+                unmount_fuse(mnt)
+                if is_mounted(lowerfs):
+                    if pid is not None:
+                        _wait_gone(pid)
+                    subprocess.run(["umount", str(lowerfs)], check=False, capture_output=True)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert failures == []
