@@ -1013,11 +1013,13 @@ def _import_image(
                 dest.rmdir()
         raise
     made: list[str] = []  # layer directories this import created (removed if it fails)
+    made_layers_dir = False
     layers_fd = -1
     try:
         refs = _layers_to_import(image, dest, refs, existing, bare=bare)
         with contextlib.suppress(FileExistsError):
             os.mkdir(LAYERS_DIR, 0o755, dir_fd=dest_fd)
+            made_layers_dir = True
         layers_fd = os.open(LAYERS_DIR, DIR_FLAGS, dir_fd=dest_fd)
         mknod_ok = _can_mknod_whiteout(layers_fd)
         new_layers: list[LayerInfo] = []
@@ -1062,9 +1064,11 @@ def _import_image(
             for name in made:
                 with contextlib.suppress(OSError):
                     _remove_entry(layers_fd, name)
+        if made_dest or made_layers_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(LAYERS_DIR, dir_fd=dest_fd)  # only when empty now
         if made_dest:
             with contextlib.suppress(OSError):
-                _remove_entry(dest_fd, LAYERS_DIR)
                 dest.rmdir()
         raise
     finally:
