@@ -330,3 +330,14 @@ def test_mount_t_and_fstab_reach_unionfs_not_unionfs_fuse(tmp_layers: TmpLayers,
     finally:
         subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
         unmount_fuse(mountpoint)
+
+
+def test_debug_log_says_why_an_option_changes_nothing(tmp_layers: TmpLayers, mountpoint: Path,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    log = tmp_path / "daemon.log"
+    with unionfs_mounted(tmp_layers({"f": "1"}), mountpoint, log=log, extra_args=["--debug"],
+                         options=["nodiratime", "blksize=512"]):  # fmt: skip
+        pass
+    text = log.read_text()
+    assert "option nodiratime accepted, no effect: the kernel never updates atimes" in text
+    assert "option blksize=512 accepted, no effect" in text

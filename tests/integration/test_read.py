@@ -70,7 +70,7 @@ def test_mount_shows_as_unionfs(tmp_layers: TmpLayers, mountpoint: Path) -> None
         line = next(entry for entry in Path("/proc/mounts").read_text().splitlines()
                     if entry.split()[1] == str(mnt))
         source, _, fstype = line.split()[:3]
-        assert (source, fstype) == ("unionfs", "fuse.unionfs")
+        assert (source, fstype) == ("unionfs", "fuse.unionfs-py")
         assert os.statvfs(mnt).f_namemax >= 255
 
 
