@@ -23,6 +23,7 @@ import shutil
 import signal
 import stat
 import sys
+import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -35,7 +36,7 @@ from unionfs.index import HardLinkIndex
 from unionfs.layer import Layer
 from unionfs.operations import Operations
 from unionfs.tree import MergedTree
-from unionfs.workdir import WorkDir, volatile_marker
+from unionfs.workdir import WorkDir, volatile_marker, volatile_owner
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +193,37 @@ def _absolute_paths(config: MountConfig) -> None:
         config.log_file = os.path.abspath(config.log_file)
 
 
+VOLATILE_OWNER_WAIT = 60.0  # seconds a finishing daemon may take to sync and drop its mark
+
+
 def _check_volatile_mark(config: MountConfig) -> None:
     """Refuse an upper that a volatile mount did not leave cleanly (as kernel overlayfs does),
-    unless the user says its contents are fine (-o reuse_volatile)."""
+    unless the user says its contents are fine (-o reuse_volatile). A mark whose daemon still
+    runs (unmounted, finishing its sync) is waited for first."""
     assert config.workdir is not None
     mark = volatile_marker(config.workdir)
     if mark is None or config.reuse_volatile:
         return
+    deadline = time.monotonic() + VOLATILE_OWNER_WAIT
+    while True:
+        owner = volatile_owner(mark)
+        if owner is not None and owner[1] in mounted_paths():
+            raise MountError(
+                EXIT_LAYER,
+                f"upper {config.upper} is in use by the unionfs mount at {owner[1]} "
+                f"(pid {owner[0]})",
+            )
+        if owner is None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)  # its daemon is finishing after the unmount: syncing, then unmarking
+        if volatile_marker(config.workdir) is None:
+            return
+    if owner is not None:
+        raise MountError(
+            EXIT_LAYER,
+            f"upper {config.upper}: its last unionfs (pid {owner[0]}) has not finished after "
+            f"{VOLATILE_OWNER_WAIT:.0f} s; try again later",
+        )
     raise MountError(
         EXIT_LAYER,
         f"upper {config.upper} was mounted with -o volatile and not unmounted cleanly "
@@ -315,7 +340,7 @@ def _open_layers(config: MountConfig, clones: DetachedTrees) -> Prepared:
         work = WorkDir(work_path, layers[0].device, userxattr=config.userxattr)
         work.path = config.workdir or work_path
         if config.volatile:
-            work.mark_volatile()
+            work.mark_volatile(os.path.realpath(config.mountpoint))
     if config.upper is not None and not config.writable:
         layers[0].writable = False
     tree = MergedTree(layers)
@@ -458,8 +483,8 @@ def release_layers(
     if volatile_clean and prepared.work is not None and upper is not None:
         try:
             syncfs(upper.root_fd)
-            prepared.work.clear_volatile()
-            log.info("volatile mount ended cleanly: upper synced, mark removed")
+            if prepared.work.clear_volatile():
+                log.info("volatile mount ended cleanly: upper synced, mark removed")
         except OSError as error:
             log.warning("volatile mark kept: %s", error)
     prepared.tree.close()

@@ -6,6 +6,7 @@ static_nlink, noxattrs, redirect_dir=off, fsname; the fuse.unionfs-py type throu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -341,3 +342,43 @@ def test_debug_log_says_why_an_option_changes_nothing(tmp_layers: TmpLayers, mou
     text = log.read_text()
     assert "option nodiratime accepted, no effect: the kernel never updates atimes" in text
     assert "option blksize=512 accepted, no effect" in text
+
+
+def test_volatile_remount_waits_for_the_previous_daemon_to_finish(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
+) -> None:
+    """podman and buildah mount the same upper again right after unmounting it. The previous
+    daemon syncs and removes its mark only after the kernel's unmount: a new mount meanwhile
+    must wait for it (here: the old daemon is stopped until the new mount is waiting), not refuse
+    the upper as crashed; and a mount of an upper still mounted is refused as in use."""
+    layer = tmp_layers({"f": "1"})[0]
+    upper, work, log = tmp_path / "up", tmp_path / "work", tmp_path / "first.log"
+    argv = unionfs_command([layer], mountpoint, upper=upper, workdir=work, options=["volatile"],
+                           log=log)  # fmt: skip
+    assert subprocess.run(argv, capture_output=True, timeout=60, check=False).returncode == 0
+    first = pid_from_log(log)
+    assert first is not None
+    in_use = unionfs("mount", "--upper", upper, "--workdir", work, layer, tmp_path)
+    assert in_use.returncode == 3 and "in use" in in_use.stderr, in_use
+    os.kill(first, signal.SIGSTOP)
+    second = None
+    try:
+        assert subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False).returncode == 0
+        second_log = tmp_path / "second.log"
+        second = subprocess.Popen(
+            unionfs_command([layer], mountpoint, upper=upper, workdir=work,
+                            options=["volatile"], log=second_log),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.0)  # let it find the mark of a daemon that still runs (not a timing claim)
+        assert second.poll() is None, second.communicate()
+        os.kill(first, signal.SIGCONT)
+        _out, err = second.communicate(timeout=90)
+        assert second.returncode == 0, err
+        assert is_mounted(mountpoint) and (mountpoint / "f").read_text() == "1"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first, signal.SIGCONT)
+        if second is not None and second.poll() is None:
+            second.kill()
+        unmount_fuse(mountpoint)
