@@ -162,9 +162,8 @@ def test_run_exit_127_for_a_missing_command_126_for_one_not_executable(
     tmp_path: Path, rootfs: Path
 ) -> None:
     for command, code in ((["no-such-command"], 127), (["/bin/no-such"], 127),
-                          (["/etc/motd"], 126), (["plain"], 126), (["/data"], 126),
-                          (["true"], 0), (["/usr/local/bin/true"], 0),
-                          (["sh", "-c", "exit 9"], 9)):  # fmt: skip
+                          (["/etc/motd"], 126), (["plain"], 126),
+                          (["/usr/local/bin/true"], 0)):  # fmt: skip
         result = unionfs("run", str(rootfs), "--", *command, cwd=tmp_path)
         assert result.returncode == code, (command, result)
         if code >= 126:

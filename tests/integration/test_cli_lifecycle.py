@@ -295,7 +295,7 @@ def test_umount_of_the_layers_filesystem_right_after_fusermount_under_load(
     burners = [_burn_cpu(300) for _ in range(2)]
     failures: list[str] = []
     try:
-        for round_number in range(8):
+        for round_number in range(6):
             _mount_lower_filesystem("tmpfs", lowerfs, tmp_path / "unused.img")
             pid = None
             try:
