@@ -10,6 +10,7 @@ MOUNTPOINT`` (how podman and buildah call a ``mount_program``) and the ``mount.f
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"unionfs: {message}\n")
 
 
+@functools.cache  # built once per process (the mount server builds it for all its children)
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="unionfs",
@@ -163,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
 def build_overlay_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="unionfs",
