@@ -161,6 +161,7 @@ def code_identity() -> list[str]:
             if key.startswith("PYTHON") and key != "PYTHONPATH"  # the package path is below
         ),
         f"package={package}",
+        f"encoding={sys.getfilesystemencoding()}:{sys.getfilesystemencodeerrors()}",
     ]
     try:
         with os.scandir(package) as entries:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import locale
 import logging
 import os
 import select
@@ -251,8 +252,9 @@ class Server:
             return
         if pid == 0:
             self._become_child(connection, client_pid)
+        # Nothing else here (no logging): every page the server writes after a fork becomes
+        # that child's own copy.
         self.children[pid] = client_pid
-        log.info("child %d serves client %d", pid, client_pid)
 
     def _become_child(self, connection: socket.socket, client_pid: int) -> None:
         status = 1
@@ -264,6 +266,7 @@ class Server:
             for fd in (self.wake_read, self.wake_write, self.lock):
                 os.close(fd)
             self.listener.close()
+            log.info("child %d serves client %d", os.getpid(), client_pid)
             status = serve_client(connection, self.code, client_pid)
         except BaseException:
             log.exception("mount child for client %d failed", client_pid)
@@ -315,7 +318,6 @@ def preload() -> None:
 
     cli.build_parser()
     cli.build_overlay_parser()
-    gc.collect()
     gc.freeze()
 
 
@@ -390,6 +392,9 @@ def take_over(sections: dict[str, list[str]], cwd: int) -> None:
     environment = dict(item.split("=", 1) for item in sections["env"] if "=" in item)
     os.environ.clear()
     os.environ.update(environment)
+    time.tzset()  # as at start-up: local time (the log's) in the client's TZ
+    with contextlib.suppress(locale.Error):
+        locale.setlocale(locale.LC_CTYPE, "")  # as the interpreter does at start-up
     for name, (soft, _hard) in client.parse_limits(sections["limits"][0]).items():
         attribute = RESOURCE_NAMES.get(name)
         if attribute is None or not hasattr(resource, attribute):
