@@ -139,6 +139,16 @@ def parse_limits(text: str) -> dict[str, tuple[str, str]]:
     return limits
 
 
+def import_path() -> list[str]:
+    """``sys.path`` without the entry the interpreter put first for its script, ``-m`` or
+    ``-c`` (the server is started with ``-P`` and puts unionfs's own directory there)."""
+    return sys.path if sys.flags.safe_path and not _launched else sys.path[1:]
+
+
+_launched = False
+"""True in the server's launcher (``unionfs.server.launch``)."""
+
+
 def code_identity() -> list[str]:
     """The interpreter and the code a server runs: a change to either makes a new server."""
     package = os.path.dirname(os.path.abspath(__file__))
@@ -158,8 +168,9 @@ def code_identity() -> list[str]:
         + ",".join(
             f"{key}={value}"
             for key, value in sorted(os.environ.items())
-            if key.startswith("PYTHON") and key != "PYTHONPATH"  # the package path is below
+            if key.startswith("PYTHON")
         ),
+        "path=" + ":".join(import_path()),
         f"package={package}",
         f"encoding={sys.getfilesystemencoding()}:{sys.getfilesystemencodeerrors()}",
     ]
@@ -171,7 +182,7 @@ def code_identity() -> list[str]:
                     items.append(f"{entry.name}={stat.st_mtime_ns}:{stat.st_size}")
     except OSError:
         items.append("package unreadable")
-    for path in sys.path:
+    for path in import_path():
         if path.endswith("-packages"):  # pip install/uninstall changes these directories
             try:
                 items.append(f"{path}={os.stat(path).st_mtime_ns}")
@@ -205,6 +216,14 @@ def _private_directory(path: str) -> bool:
     )
 
 
+def _owned(path: str) -> bool:
+    """Ours (not, say, a user's runtime directory in the environment sudo kept for root)."""
+    try:
+        return os.stat(path).st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
 def runtime_directory() -> str | None:
     """Where the server's socket lives: ``$UNIONFS_SERVER_DIR``, else
     ``$XDG_RUNTIME_DIR/unionfs``, ``/run/unionfs`` (root), ``/tmp/unionfs-UID``: the first one
@@ -213,7 +232,7 @@ def runtime_directory() -> str | None:
     candidates = [override] if override else []
     if not override:
         runtime = os.environ.get("XDG_RUNTIME_DIR")
-        if runtime and runtime.startswith("/"):
+        if runtime and runtime.startswith("/") and _owned(runtime):
             candidates.append(runtime.rstrip("/") + "/unionfs")
         if os.geteuid() == 0:
             candidates.append("/run/unionfs")
@@ -359,7 +378,7 @@ TITLE_SPACE = 16384
 client's command line in ``ps`` (and /proc/PID/cmdline) in their place."""
 
 LAUNCH = (
-    "import os; os.closerange(3, 1 << 20); "
+    "import os, sys; os.closerange(3, 1 << 20); sys.path.insert(0, sys.argv.pop(1)); "
     "from unionfs.server import launch; raise SystemExit(launch())"
 )
 
@@ -371,17 +390,14 @@ def start_server(socket_path: str) -> bool:
     here; it runs with this process's context (the one its socket is named after).
     """
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environment = dict(os.environ)
-    python_path = environment.get("PYTHONPATH")
-    environment["PYTHONPATH"] = package_parent + (":" + python_path if python_path else "")
-    argv = [sys.executable, "-P", "-c", LAUNCH, socket_path, "-" * TITLE_SPACE]
+    argv = [sys.executable, "-P", "-c", LAUNCH, package_parent, socket_path, "-" * TITLE_SPACE]
     sys.stdout.flush()
     sys.stderr.flush()
     null = os.devnull
     pid = os.posix_spawn(
         sys.executable,
         argv,
-        environment,
+        os.environ,
         file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, null, os.O_RDWR, 0),
             (os.POSIX_SPAWN_DUP2, 0, 1),

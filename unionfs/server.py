@@ -55,6 +55,9 @@ REQUEST_TIMEOUT = 30.0
 
 MAX_REQUEST = 8 << 20
 
+LOG_LIMIT = 1 << 20
+"""The server's log starts over when it grows past this (a long-lived server mounts often)."""
+
 RESOURCE_NAMES = {
     "Max cpu time": "RLIMIT_CPU",
     "Max file size": "RLIMIT_FSIZE",
@@ -94,6 +97,7 @@ def launch(argv: list[str] | None = None) -> int:
     (unless a server already runs), fork the server, exit 0 once it listens."""
     arguments = sys.argv[1:] if argv is None else argv
     socket_path = arguments[0]
+    client._launched = True  # sys.path[0] is unionfs's directory, as the client's first entry
     os.chdir("/")
     code = client.code_identity()
     context = client.process_context()
@@ -212,6 +216,9 @@ class Server:
                 client_pid,
                 os.waitstatus_to_exitcode(status),
             )
+            with contextlib.suppress(OSError):
+                if os.stat(self.socket_path + ".log").st_size > LOG_LIMIT:
+                    os.truncate(self.socket_path + ".log", 0)  # everyone appends: safe
 
     def _accept(self) -> bool:
         """Serve every pending connection; True if there was one."""
