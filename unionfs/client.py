@@ -8,14 +8,16 @@ The command returns the exit status the child reports, once the mount is live or
 child printed any error on the caller's own stderr, as the command itself would have.
 
 What a child cannot take over from its client after a fork (user and group ids, supplementary
-groups, capabilities, namespaces, cgroup, root directory, security label, hard resource limits,
-nice value, the interpreter and the code) is the server's *context*: a client only talks to the
-server started in its own context. The context names the socket (a hash), and the child compares
-it in full with its own before doing anything, answering "run it yourself" on any difference.
+groups, capabilities, no_new_privs, seccomp mode and filter count (filters cannot be read),
+namespaces, cgroup, root directory, security label, hard resource limits, nice value, OOM score,
+the interpreter, its flags and import path, the code) is the server's *context*: a client only
+talks to the server started in its own context. The context names the socket (a hash), and the
+child compares it in full with its own before doing anything, answering "run it yourself" on
+any difference.
 
 Every other case runs the command line in this process, as without a server: other commands,
-``-f``, ``UNIONFS_SERVER=0``, a seccomp-filtered caller, no private runtime directory, a server
-that cannot be started or reached (then silently). This module runs before every mount, so it
+``-f``, ``UNIONFS_SERVER=0``, no private runtime directory, a server that cannot be started or
+reached (then silently). This module runs before every mount, so it
 imports nothing beyond what the interpreter has already loaded (plus ``_socket``).
 
 Protocol on the unix socket: the client sends NUL-separated fields (see ``encode``) with its
@@ -313,8 +315,6 @@ def mount_through_server(arguments: list[str]) -> int | None:
     """Serve ``arguments`` through the server; the exit status, or None if it did not run."""
     try:
         context = process_context()
-        if any(item.startswith("Seccomp=") and item != "Seccomp=0" for item in context):
-            return None  # filters cannot be compared: keep this caller's own
         code = code_identity()
         directory = runtime_directory()
         if directory is None:
@@ -346,25 +346,37 @@ def _connect(path: str) -> _socket.socket | None:
 
 
 def _exchange(connection: _socket.socket, sections: dict[str, list[str]]) -> int | None:
+    send(connection, sections)
+    return answer(connection)
+
+
+def send(connection: _socket.socket, sections: dict[str, list[str]]) -> None:
+    """Send the request with this process's working directory and open stdio."""
     stdio = _open_stdio()
     sections["stdio"] = [str(fd) for fd in stdio]
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in [cwd, *stdio])
         data = encode(sections)
-        connection.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        sent = connection.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        if sent < len(data):  # interrupted part-way: the rest without descriptors
+            connection.sendall(data[sent:])
     finally:
         os.close(cwd)
     connection.shutdown(_socket.SHUT_WR)
-    answer = b""
+
+
+def answer(connection: _socket.socket) -> int | None:
+    """The exit status the child reports, or None if it did not serve the request."""
+    data = b""
     while True:
         chunk = connection.recv(256)
         if not chunk:
             break
-        answer += chunk
-    if not answer or answer == b"D":
+        data += chunk
+    if not data or data == b"D":
         return None  # not served, nothing done: run it here
-    _, equals, code = answer.partition(b"=")
+    _, equals, code = data.partition(b"=")
     if equals and code.strip().isdigit():
         return int(code)
     print("unionfs: the mount daemon died before mounting", file=sys.stderr)

@@ -402,7 +402,8 @@ def _daemonize(config: MountConfig) -> int:
     status = 0
 
     def ready() -> None:
-        os.write(write_end, b"ok")
+        with contextlib.suppress(OSError):  # a caller killed meanwhile: the mount stays
+            os.write(write_end, b"ok")
         os.close(write_end)
 
     try:

@@ -351,13 +351,13 @@ def serve_client(connection: socket.socket, code: list[str], client_pid: int) ->
                 raise NotServed("not a background mount")
         except NotServed as reason:
             log.info("client %d not served: %s", client_pid, reason)
-            connection.sendall(b"D")
+            _tell(connection, b"D")
             return 0
         except (ValueError, KeyError, IndexError, OSError) as error:
             log.warning("client %d: bad request (%s)", client_pid, error)
-            connection.sendall(b"D")
+            _tell(connection, b"D")
             return 0
-        connection.sendall(b"A")
+        _tell(connection, b"A")  # a client gone meanwhile: its mount goes ahead
         for target in (0, 1, 2):
             if target in stdio:
                 os.dup2(fds[1 + stdio.index(target)], target)
@@ -371,6 +371,11 @@ def serve_client(connection: socket.socket, code: list[str], client_pid: int) ->
     if sections.get("comm"):
         proctitle.set_name(sections["comm"][0])
     return _run_command(connection, arguments)
+
+
+def _tell(connection: socket.socket, message: bytes) -> None:
+    with contextlib.suppress(OSError):
+        connection.sendall(message)
 
 
 def _receive(connection: socket.socket) -> tuple[bytes, list[int]]:

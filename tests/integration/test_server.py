@@ -242,6 +242,42 @@ def test_a_mount_child_exits_when_its_mount_goes(
     ), server_dir.log_text()
 
 
+GONE_CLIENT = """
+import sys
+from unionfs import client
+
+code, context = client.code_identity(), client.process_context()
+path = f"{client.runtime_directory()}/s-{client.server_key(code, context)}"
+connection = client._connect(path)
+if connection is None:
+    assert client.start_server(path)
+    connection = client._connect(path)
+assert connection is not None
+client.send(connection, client.request(sys.argv[1:], code, context))
+connection.close()  # gone before the answer
+"""
+
+
+def test_a_client_gone_before_the_answer_leaves_a_live_mount(
+    server_dir: ServerDir, layer: Path, mountpoint: Path, tmp_path: Path
+) -> None:
+    """The child's report fails (nobody reads it): the mount stays live and served, and
+    unmounts cleanly, as when a mount command is killed once its daemon is on its own."""
+    log = tmp_path / "gone.log"
+    argv = ["mount", "--log", str(log), str(layer), str(mountpoint)]
+    result = run_command([sys.executable, "-c", GONE_CLIENT, *argv])
+    assert result.returncode == 0, result.stderr
+    try:
+        wait_for(lambda: is_mounted(mountpoint), "the mount of a client that went away")
+        child = child_of(log)
+        assert parent_of(child) in server_dir.live_servers()
+        assert (mountpoint / "dir" / "nested").read_text() == "nested\n"
+    finally:
+        unmount_fuse(mountpoint)
+    wait_for(lambda: not proc_exists(child), "the child to exit after the unmount")
+    assert "Traceback" not in log.read_text()
+
+
 def test_concurrent_first_mounts_start_one_server(
     server_dir: ServerDir, layer: Path, tmp_path: Path
 ) -> None:
