@@ -12,6 +12,7 @@ MOUNTPOINT [-sfnv] [-o OPTS] [-t TYPE]`` is how mount(8) calls ``/sbin/mount.fus
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -67,6 +68,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"unionfs: {message}\n")
 
 
+@functools.cache  # built once per process (the mount server builds it for all its children)
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="unionfs",
@@ -194,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
 def build_overlay_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="unionfs",

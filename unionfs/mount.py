@@ -24,6 +24,7 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyfuse3
@@ -514,7 +515,36 @@ def mount(config: MountConfig) -> int:
         except OSError as error:
             raise MountError(EXIT_LAYER, f"cannot open layers: {error.strerror}") from None
         return serve(config, prepared)
+    if detached_ready is not None:
+        return _serve_detached(config, detached_ready)
     return _daemonize(config)
+
+
+detached_ready: Callable[[], None] | None = None
+"""Set in a mount child of the mount server (``unionfs.server``), which already runs apart from
+its client: called once the mount is live, in place of forking a daemon and reporting to it."""
+
+
+def _serve_detached(config: MountConfig, report_ready: Callable[[], None]) -> int:
+    """The daemon's part of a background mount: a session of its own, the log, open the layers,
+    mount, detach from the caller's stdio and ``report_ready()``, serve until unmounted. Raises
+    MountError while the mount is not live."""
+    os.setsid()
+    os.chdir("/")  # the caller's directory must not stay busy because of the daemon
+    setup_logging(config, to_stderr=False)
+
+    def ready() -> None:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        report_ready()
+
+    try:
+        prepared = prepare(config)
+        return serve(config, prepared, ready)
+    except OSError as error:
+        raise MountError(EXIT_LAYER, f"cannot open layers: {error.strerror}") from None
 
 
 def _daemonize(config: MountConfig) -> int:
@@ -536,31 +566,18 @@ def _daemonize(config: MountConfig) -> int:
     # child
     os.close(read_end)
     status = 0
-    try:
-        os.setsid()
-        os.chdir("/")  # the caller's directory must not stay busy because of the daemon
-        setup_logging(config, to_stderr=False)
 
-        def ready() -> None:
+    def ready() -> None:
+        with contextlib.suppress(OSError):  # a caller killed meanwhile: the mount stays
             os.write(write_end, b"ok")
-            os.close(write_end)
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
+        os.close(write_end)
 
-        try:
-            prepared = prepare(config)
-            serve(config, prepared, ready)
-        except MountError as error:
-            with contextlib.suppress(OSError):
-                os.write(write_end, b"%d:%s" % (error.code, error.message.encode()))
-            status = error.code
-        except OSError as error:
-            reason = f"cannot open layers: {error.strerror}"
-            with contextlib.suppress(OSError):
-                os.write(write_end, b"%d:%s" % (EXIT_LAYER, reason.encode()))
-            status = EXIT_LAYER
+    try:
+        _serve_detached(config, ready)
+    except MountError as error:
+        with contextlib.suppress(OSError):
+            os.write(write_end, b"%d:%s" % (error.code, error.message.encode()))
+        status = error.code
     except BaseException:
         log.exception("mount daemon failed")
         status = EXIT_FAILURE

@@ -5,7 +5,9 @@ left behind.
 
 Background daemons are not our children; to learn their exit status a small helper process
 makes itself a child subreaper (prctl PR_SET_CHILD_SUBREAPER) before mounting, so the daemon
-is re-parented to it and it can ``waitpid`` the daemon.
+is re-parented to it and it can ``waitpid`` the daemon. That needs the daemon forked by the
+mount command itself (``UNIONFS_SERVER=0``): a mount server's child is the server's child
+(tests/integration/test_server.py checks its exit status in the server's log).
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def _reaped_mount(
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        env=dict(os.environ, UNIONFS_SERVER="0"),
     )
     pid = None
     try:
