@@ -355,10 +355,26 @@ def test_mountpoint_the_user_may_not_write(
 
 @pytest.mark.root
 def test_dev_fuse_unusable(ordinary_user: pwd.struct_passwd, shared_tmp: Path) -> None:
+    """The user meets a /dev/fuse of mode 0600. Only this command's private mount namespace
+    sees that node (bound over /dev/fuse): changing the real one's mode would break every other
+    FUSE mount made meanwhile on this machine (other tests', other runs')."""
     lower = _world_readable_layer(shared_tmp)
     mountpoint = _user_mountpoint(shared_tmp, ordinary_user)
-    with dev_fuse_mode(0o600):
-        result = run_cli("mount", lower, mountpoint, user=ordinary_user)
+    private_node = shared_tmp / "fuse-0600"
+    os.mknod(private_node, stat.S_IFCHR | 0o600, os.stat("/dev/fuse").st_rdev)
+    os.chmod(private_node, 0o600)
+    command = [sys.executable, "-m", "unionfs", "mount", str(lower), str(mountpoint)]
+    setpriv = ["setpriv", f"--reuid={ordinary_user.pw_uid}", f"--regid={ordinary_user.pw_gid}"]
+    result = run_command(
+        [
+            *("unshare", "--mount", "--propagation", "private", "--", "sh", "-c"),
+            'mount --bind "$1" /dev/fuse && shift && exec "$@"',
+            *("sh", str(private_node), "env", "UNIONFS_SERVER=0", *setpriv, "--clear-groups"),
+            *command,
+        ],
+        timeout=CLI_TIMEOUT,
+        cwd="/",
+    )
     assert_clean_error(result, EXIT_FUSE)
     assert "/dev/fuse" in result.stderr, result.stderr
     assert_nothing_left(mountpoint)
