@@ -24,14 +24,17 @@ reports:
 - ``stale-whiteout``: a regular file/symlink/device ``NAME`` next to ``.wh.NAME`` (create over
   an OCI whiteout interrupted before the whiteout was removed); repair removes ``.wh.NAME``.
 - ``invalid-redirect``: an ``overlay.redirect`` that is empty, climbs (``..``), is relative
-  with a ``/``, or sits on a non-directory that is no metacopy file; reported.
+  with a ``/``, or sits on a non-directory that is no regular file (a regular file keeps its
+  redirect when its data is copied up, as kernel overlayfs leaves it); reported.
 - ``dangling-metacopy``: (when ``lowers`` are given) a metadata-only copy-up
-  (``overlay.metacopy``) whose data path (its redirect, else the same path) is a regular file
-  in no lower layer: its content is lost; reported.
-- ``dangling-redirect``: (when ``lowers`` are given) a valid redirect naming a path that is a
-  directory in no lower layer; reported.
+  (``overlay.metacopy``) whose data cannot be found in the lower layers the way kernel
+  overlayfs finds it: at its redirect, else at its name, following the chain of older
+  metadata-only copies in rotated lower layers down to a file holding data; its content is
+  lost; reported.
+- ``dangling-redirect``: (when ``lowers`` are given) a valid redirect naming a path that is no
+  directory in the lower layers' merged view; reported.
 - ``dangling-whiteout`` (a note, not a problem): (when ``lowers`` are given) a whiteout hiding
-  a name that exists in no lower layer at that merged position. Harmless and normal: kernel
+  a name the lower layers do not show at that merged position. Harmless and normal: kernel
   overlayfs and unionfs both leave one where a merged directory was renamed away.
 
 Run it only while no mount uses the upper: the work area of a live mount is in use.
@@ -51,7 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unionfs import safeio, whiteout
+from unionfs.layer import Layer
 from unionfs.safeio import RelPath
+from unionfs.stack import Stack
 
 WORK_NAME = b"work"
 INDEX_NAME = b"index"
@@ -93,40 +98,18 @@ def _show(path: RelPath) -> str:
     return "/" + "/".join(repr(part)[2:-1] for part in path)
 
 
-def _lower_kind(lowers: list[int], path: RelPath) -> int | None:
-    """S_IFMT of ``path`` in the first lower layer holding it (None: in none of them)."""
-    for root_fd in lowers:
-        fd = root_fd
-        opened: list[int] = []
-        try:
-            for part in path[:-1]:
-                try:
-                    fd = safeio.open_dir(fd, part)
-                except OSError:
-                    fd = -1
-                    break
-                opened.append(fd)
-            if fd < 0:
-                continue
-            if not path:
-                return stat.S_IFDIR
-            st = safeio.try_lstat(fd, path[-1])
-            if st is not None:
-                return stat.S_IFMT(st.st_mode)
-        except OSError:
-            continue
-        finally:
-            for opened_fd in opened:
-                os.close(opened_fd)
-    return None
-
-
 class _Checker:
-    def __init__(self, report: CheckReport, repair: bool, lower_fds: list[int] | None) -> None:
+    def __init__(self, report: CheckReport, repair: bool, lowers: Stack | None) -> None:
         self.report = report
         self.repair = repair
-        self.lowers = lower_fds
+        self.lowers = lowers
         self.privileged = os.geteuid() == 0
+
+    def lower_shows(self, directory: RelPath | None, name: bytes) -> bool:
+        """Do the lower layers show ``name`` in their merged directory ``directory``?"""
+        assert self.lowers is not None
+        sources = self.lowers.walk(directory) if directory is not None else None
+        return sources is not None and self.lowers.resolve(sources, name) is not None
 
     def problem(
         self, kind: str, path: str, detail: str, fix: Callable[[], None] | None = None
@@ -272,28 +255,31 @@ class _Checker:
             safeio.get_xattr(fd, name, attribute) is not None
             for attribute in whiteout.METACOPY_XATTRS
         )
-        if not metacopy:
-            for attribute, _value in redirects:
-                self.problem("invalid-redirect", shown, f"{attribute} on a non-directory")
-            return
-        # A metadata-only copy: its data lives in a lower regular file (the absolute
-        # redirect's path, else the same name in the parent's lower directory).
-        data_path = None if lower is None else (*lower, name)
+        redirect = None
         for attribute, value in redirects:
-            parsed = whiteout.parse_redirect(value)
-            if parsed is None:
+            if not stat.S_ISREG(st.st_mode):
+                self.problem("invalid-redirect", shown, f"{attribute} on a non-directory")
+                return
+            redirect = whiteout.parse_redirect(value)
+            if redirect is None:
                 self.problem("invalid-redirect", shown, f"{attribute}={value!r} is not valid")
                 return
-            absolute, parts = parsed
-            data_path = parts if absolute else (None if lower is None else (*lower, *parts))
-        if self.lowers is None:
+        if not metacopy or self.lowers is None:
             return
-        if data_path is None or _lower_kind(self.lowers, data_path) != stat.S_IFREG:
-            where = "?" if data_path is None else _show(data_path)
+        # A metadata-only copy: its data lives in a lower regular file (found at the
+        # redirect, else by name in the parent's lower directory, down a metacopy chain).
+        sources = self.lowers.walk(lower) if lower is not None else None
+        if redirect is not None and redirect[0]:
+            sources = sources or []  # an absolute redirect does not need the parent
+        data = None
+        if sources is not None:
+            data = self.lowers.data_below(sources, name, redirect)
+        if data is None:
+            where = "" if redirect is None else f" ({whiteout.encode_redirect(redirect[1])!r})"
             self.problem(
                 "dangling-metacopy",
                 shown,
-                f"metadata-only copy whose data ({where}) is a regular file in no lower layer",
+                f"metadata-only copy whose data{where} is in no lower layer",
             )
 
     def check_marker_file(self, fd: int, name: bytes, shown: str, kind: str) -> None:
@@ -360,7 +346,7 @@ class _Checker:
     ) -> None:
         if self.lowers is None:
             return
-        if lower is not None and _lower_kind(self.lowers, (*lower, target)) is not None:
+        if self.lower_shows(lower, target):
             return
         # Harmless (kernel overlayfs leaves the same after renaming a merged directory):
         # a note, not a problem.
@@ -444,7 +430,7 @@ class _Checker:
             else:
                 child_lower = None if lower is None else (*lower, parts[0])
             if self.lowers is not None and (
-                child_lower is None or _lower_kind(self.lowers, child_lower) != stat.S_IFDIR
+                child_lower is None or self.lowers.walk(child_lower) is None
             ):
                 self.problem(
                     "dangling-redirect",
@@ -463,14 +449,12 @@ def check_upper(
 ) -> CheckReport:
     """Check (and with ``repair`` fix what is safe) an upper layer that no mount is using.
 
-    ``lowers`` (any order) enables the checks against lower layers (dangling redirects and
-    whiteouts); ``workdir`` enables the work area check. Raises ``OSError`` when the upper
-    itself cannot be opened.
+    ``lowers`` (base first, as a mount lists them) enables the checks against lower layers
+    (dangling metacopy files, redirects and whiteouts); ``workdir`` enables the work area
+    check. Raises ``OSError`` when the upper itself cannot be opened.
     """
     report = CheckReport(Path(upper), Path(workdir) if workdir is not None else None)
-    lower_fds: list[int] | None = None
-    if lowers is not None:
-        lower_fds = [safeio.open_root(str(path)) for path in lowers]
+    lower_layers: list[Layer] = []
     root_fd = safeio.open_root(str(upper))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
@@ -479,7 +463,9 @@ def check_upper(
         if wanted > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     try:
-        checker = _Checker(report, repair, lower_fds)
+        for index, path in enumerate(reversed(lowers or [])):
+            lower_layers.append(Layer(str(path), index, writable=False))
+        checker = _Checker(report, repair, Stack(lower_layers) if lowers is not None else None)
         if workdir is not None:
             checker.check_work(Path(workdir))
             checker.check_index(Path(workdir))
@@ -492,8 +478,8 @@ def check_upper(
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         os.close(root_fd)
-        for fd in lower_fds or []:
-            os.close(fd)
+        for layer in lower_layers:
+            layer.close()
     return report
 
 

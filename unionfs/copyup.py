@@ -18,7 +18,7 @@ import stat
 from collections.abc import Awaitable, Callable
 
 from unionfs import safeio, whiteout
-from unionfs.inodes import Node, link_path, merged_path
+from unionfs.inodes import Node, merged_path
 from unionfs.layer import Layer
 from unionfs.stack import Source
 from unionfs.tree import MergedTree
@@ -106,9 +106,10 @@ class CopyUp:
             # give a new upper directory that object's mode (0777 for a symlink).
             raise OSError(errno.ESTALE, "lower directory replaced while mounted")
         parent_fd = self.upper.dir_fd(merged_path(parent))
+        origin = self.tree.origins.encode(source_fd, source_name, st)
         temp = self.work.temp_name()
         os.mkdir(temp, 0o700, dir_fd=self.work.fd)
-        self._finish_in_work(temp, source_fd, source_name, st, parent_fd, name)
+        self._finish_in_work(temp, source_fd, source_name, st, parent_fd, name, origin)
         self._adopt_upper(node, parent, name, parent_fd)
 
     def _finish_in_work(
@@ -119,13 +120,17 @@ class CopyUp:
         st: os.stat_result,
         parent_fd: int,
         name: bytes,
+        origin: bytes | None,
     ) -> None:
-        """Give the object built at ``temp`` in the work directory the source's xattrs, owner,
-        mode and times, then rename it into place; on any failure nothing is left behind."""
+        """Give the object built at ``temp`` in the work directory the source's xattrs, its
+        ``overlay.origin`` (the source's file handle), owner, mode and times, then rename it
+        into place; on any failure nothing is left behind."""
         try:
             safeio.copy_xattrs(
                 source_fd, source_name, self.work.fd, temp, keep=whiteout.is_copied_xattr
             )
+            if origin is not None:
+                self._set_origin(self.work.fd, temp, origin)
             apply_path_metadata(self.work.fd, temp, st, symlink=stat.S_ISLNK(st.st_mode))
             os.utime(
                 temp,
@@ -137,6 +142,14 @@ class CopyUp:
         except BaseException:
             safeio.remove_tree(self.work.fd, temp)
             raise
+
+    def _set_origin(self, dir_fd: int, name: bytes | None, origin: bytes) -> None:
+        try:
+            safeio.set_xattr(dir_fd, name, self.prefix + "origin", origin)
+        except OSError as error:
+            # user.* xattrs are refused on symlinks and devices (the kernel ignores that too)
+            if error.errno not in (errno.EPERM, errno.ENOTSUP):
+                raise
 
     async def ensure_file(
         self, node: Node, *, data: str = FULL, via: tuple[Node, bytes] | None = None
@@ -177,11 +190,14 @@ class CopyUp:
             metacopy = data == METADATA and self.metacopy and st.st_size > 0
             if data == METADATA and not metacopy:
                 data = FULL  # -o metacopy=off (or an empty file): the copy carries the data
-            redirect = None
-            if metacopy and source.path != link_path(parent, name):
-                redirect = whiteout.encode_redirect(source.path)
+            # The data: the lower file itself, or, when it is a metadata-only file of an
+            # older upper (a rotated layer), the end of its chain. No redirect is written:
+            # the copy sits where its lower entry is found again by name (a rename writes one).
+            data_from = None
+            if data == FULL:
+                data_from = self.tree.data_source(node) if node.metacopy else source
             await self._write_regular(
-                data_from=source if data == FULL else None,
+                data_from=data_from,
                 size=0 if data == EMPTY else st.st_size,
                 meta_fd=source_dir_fd,
                 meta_name=source_name,
@@ -189,13 +205,18 @@ class CopyUp:
                 parent_fd=parent_fd,
                 name=name,
                 replace=False,
-                metacopy=metacopy,
-                redirect=redirect,
+                private=self._copy_up_records(node, source_dir_fd, source_name, st, indexed)
+                | ({"metacopy": b""} if metacopy else {}),
                 indexed=indexed,
             )
+            if metacopy and not node.metacopy:
+                node.data = source
         else:
-            self._copy_special(source_dir_fd, source_name, st, parent_fd, name)
+            origin = self._origin_of(node, source_dir_fd, source_name, st)
+            self._copy_special(source_dir_fd, source_name, st, parent_fd, name, origin)
         node.metacopy = metacopy
+        if not metacopy:
+            node.data = None
         if indexed is not None:
             node.index_name = whiteout.index_name(indexed[0])
             node.link_difference = indexed[1]
@@ -203,6 +224,26 @@ class CopyUp:
         self.tree.consume_lower_link(node)
         node.generation += 1
         self.copies += 1
+
+    def _origin_of(self, node: Node, dir_fd: int, name: bytes, st: os.stat_result) -> bytes | None:
+        """The ``overlay.origin`` a copy of lower object ``name`` records: its file handle,
+        as the kernel records it for a file with one name (a lower hard link copied up
+        without the index breaks the link, so the kernel records no origin then)."""
+        if st.st_nlink > 1 or node.lower_nlink > 1:
+            return None
+        return self.tree.origins.encode(dir_fd, name, st)
+
+    def _copy_up_records(
+        self,
+        node: Node,
+        dir_fd: int,
+        name: bytes,
+        st: os.stat_result,
+        indexed: Indexed | None,
+    ) -> dict[str, bytes]:
+        """The overlay xattrs (names without the prefix) a regular file's copy records."""
+        origin = indexed[0] if indexed is not None else self._origin_of(node, dir_fd, name, st)
+        return {} if origin is None else {"origin": origin}
 
     def _index_record(
         self, node: Node, dir_fd: int, name: bytes, st: os.stat_result
@@ -238,13 +279,23 @@ class CopyUp:
         self.tree.consume_lower_link(node)
 
     async def _complete_metacopy(self, node: Node, *, empty: bool) -> None:
-        """Give a metadata-only upper file its data (or none, before a truncate to zero)."""
+        """Give a metadata-only upper file its data (or none, before a truncate to zero). Its
+        origin and redirect stay (the kernel leaves both; the redirect keeps finding the
+        origin by path after a remount)."""
+        data_from = None if empty else self.tree.data_source(node)
         path = self.tree.upper_path(node)
         parent_fd = self.upper.dir_fd(path[:-1])
         name = path[-1]
         old = safeio.lstat(parent_fd, name)
+        kept = {}
+        for record in ("origin", "redirect"):
+            for prefix in (whiteout.TRUSTED_PREFIX, whiteout.USER_PREFIX):
+                value = safeio.get_xattr(parent_fd, name, prefix + record)
+                if value:
+                    kept[record] = value
+                    break
         await self._write_regular(
-            data_from=None if empty else node.lower[0],
+            data_from=data_from,
             size=0 if empty else old.st_size,
             meta_fd=parent_fd,
             meta_name=name,
@@ -252,11 +303,11 @@ class CopyUp:
             parent_fd=parent_fd,
             name=name,
             replace=True,
-            metacopy=False,
-            redirect=None,
+            private=kept,
         )
         self.tree.inodes.drop_key((old.st_dev, old.st_ino), node)
         node.metacopy = False
+        node.data = None
         self._adopt_upper(node, *node.upper_link_or_fail(), parent_fd)
         node.generation += 1
         self.copies += 1
@@ -279,12 +330,13 @@ class CopyUp:
         parent_fd: int,
         name: bytes,
         replace: bool,
-        metacopy: bool,
-        redirect: bytes | None,
+        private: dict[str, bytes],
         indexed: Indexed | None = None,
     ) -> None:
         """Build a regular file off to the side (data from the lower file ``data_from``, if
-        any), then link or rename it to parent/name (by way of the index when ``indexed``)."""
+        any) with the overlay xattrs ``private`` (``{"metacopy": b"", "origin": ...}``, names
+        without the prefix), then link or rename it to parent/name (by way of the index when
+        ``indexed``)."""
         temp = self.work.temp_name()
         try:
             target_fd = os.open(
@@ -305,13 +357,11 @@ class CopyUp:
             else:
                 os.ftruncate(target_fd, size)
             safeio.copy_xattrs(meta_fd, meta_name, target_fd, None, keep=whiteout.is_copied_xattr)
-            if metacopy:
-                os.setxattr(target_fd, self.prefix + "metacopy", b"")
-                if redirect is not None:
-                    os.setxattr(target_fd, self.prefix + "redirect", redirect)
+            for record, value in private.items():
+                os.setxattr(target_fd, self.prefix + record, value)
             index = self.tree.index if indexed is not None else None
             if index is not None and indexed is not None:
-                index.mark(target_fd, *indexed)
+                index.mark(target_fd, indexed[1])
             apply_metadata(target_fd, meta_st)
             os.utime(target_fd, ns=(meta_st.st_atime_ns, meta_st.st_mtime_ns))
             if index is not None and indexed is not None:
@@ -365,10 +415,11 @@ class CopyUp:
         st: os.stat_result,
         parent_fd: int,
         name: bytes,
+        origin: bytes | None,
     ) -> None:
         temp = self.work.temp_name()
         if stat.S_ISLNK(st.st_mode):
             os.symlink(safeio.readlink(source_dir_fd, source_name), temp, dir_fd=self.work.fd)
         else:
             os.mknod(temp, st.st_mode, st.st_rdev, dir_fd=self.work.fd)
-        self._finish_in_work(temp, source_dir_fd, source_name, st, parent_fd, name)
+        self._finish_in_work(temp, source_dir_fd, source_name, st, parent_fd, name, origin)

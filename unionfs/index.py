@@ -19,52 +19,29 @@ change does to the count is decided by the callers (copyup, mutations).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
-import sys
 
 from unionfs import safeio, whiteout
+from unionfs.origin import Origins
 
 log = logging.getLogger(__name__)
 
 
 class HardLinkIndex:
-    def __init__(self, fd: int, xattr_prefix: str) -> None:
+    def __init__(self, fd: int, xattr_prefix: str, origins: Origins | None = None) -> None:
         self.fd = fd
+        self.origins = origins if origins is not None else Origins()
         self.origin_xattr = xattr_prefix + "origin"
         self.nlink_xattr = xattr_prefix + "nlink"
         self.names: set[bytes] = {name for name, _kind in safeio.list_dir(fd)}
-        self._uuids: dict[int, bytes] = {}  # st_dev of a lower filesystem -> its UUID
-        self._unsupported: set[int] = set()  # lower filesystems without file handles
         self.removed_orphans = self._remove_orphans()
 
     # identity ------------------------------------------------------------------------
     def origin(self, dir_fd: int, name: bytes, st: os.stat_result) -> bytes | None:
         """The origin record of lower object ``name`` (None: its filesystem cannot say)."""
-        if st.st_dev in self._unsupported:
-            return None
-        try:
-            handle_type, handle = safeio.file_handle(dir_fd, name)
-        except OSError as error:
-            if error.errno in (errno.EOPNOTSUPP, errno.EOVERFLOW, errno.ENOSYS, errno.EINVAL):
-                log.info(
-                    "no file handles on device %d: hard links there are not indexed", st.st_dev
-                )
-                self._unsupported.add(st.st_dev)
-                return None
-            raise
-        uuid = self._uuids.get(st.st_dev)
-        if uuid is None:
-            uuid = self._uuids[st.st_dev] = safeio.filesystem_uuid(dir_fd)
-        try:
-            return whiteout.encode_origin(
-                handle_type, handle, uuid, big_endian=sys.byteorder == "big"
-            )
-        except ValueError:
-            self._unsupported.add(st.st_dev)
-            return None
+        return self.origins.encode(dir_fd, name, st)
 
     def find(self, origin: bytes) -> tuple[bytes, os.stat_result] | None:
         """(index name, attributes) of the copy of the lower inode ``origin``, if any."""
@@ -108,9 +85,9 @@ class HardLinkIndex:
         safeio.set_xattr(dir_fd, name, self.nlink_xattr, whiteout.encode_nlink(difference))
 
     # entries -------------------------------------------------------------------------
-    def mark(self, fd: int, origin: bytes, difference: int) -> None:
-        """Give a copy being built (open ``fd``) its origin and link-count records."""
-        os.setxattr(fd, self.origin_xattr, origin)
+    def mark(self, fd: int, difference: int) -> None:
+        """Give a copy being built (open ``fd``) its link-count record (its origin is
+        recorded by the copy-up, as on every copy)."""
         os.setxattr(fd, self.nlink_xattr, whiteout.encode_nlink(difference))
 
     def add(self, origin: bytes, link: tuple[int, bytes | None]) -> bytes:

@@ -1,11 +1,20 @@
 """FUSE inode numbers <-> merged nodes, lookup counts and stable identity.
 
-A ``Node`` is one merged file or directory. Its FUSE inode number (also its ``st_ino``) is
-chosen once per real object: the key is the (st_dev, st_ino) of the object in the layer it
-comes from, so hard links inside a layer share one node, and a node keeps its number when it
-is copied up (the upper copy's key is added as an alias), renamed or forgotten and looked up
-again. Keys of upper objects are dropped when the object is deleted, because the upper
-filesystem may reuse the number.
+A ``Node`` is one merged file or directory. pyfuse3 uses its ``st_ino`` as the FUSE node id,
+so a node's number is both. It is chosen when the node is made, xino-style
+(``InodeNumbers``): the real inode number of the object the node stands for (its identity:
+the lower object for a lower entry, a merged directory or a copy-up whose origin is known;
+the upper object otherwise), composed with the number of its filesystem when the layers sit
+on several. So a file keeps its number across copy-up, rename, link and remounts, and all
+layers on one filesystem show the real inode numbers, as kernel overlayfs does.
+
+Node ids must stay unique among live nodes, non-zero, and 1 is the root's. A number already
+used by a live node that is another object (an upper inode number reused by the upper
+filesystem while the old file is still open, unlinked) gives the new node a per-mount number
+from a range real numbers never reach. ``keys`` maps each layer object's (st_dev, st_ino) to
+its node's number: hard links inside a layer share one node, and a copied-up node is also
+found by its upper copy (an alias). Keys of upper objects are dropped when the object is
+deleted, because the upper filesystem may reuse the number.
 
 Links: a node knows the merged names (parent node, name) it was reached by. Directories
 have exactly one. For non-directories the map says whether that name exists in the upper
@@ -16,11 +25,14 @@ hard-link index entry when only lower names of it are known.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
 
 from unionfs.stack import Source
+
+log = logging.getLogger(__name__)
 
 ROOT_INODE = 1  # FUSE_ROOT_ID: the kernel's fixed inode number of a FUSE mount's root
 
@@ -64,7 +76,9 @@ class Node:
     lower_links_consumed: int = 0  # of those, names since copied up or deleted
     open_fds: set[int] = field(default_factory=set)  # fds of open handles (for unlinked files)
     in_upper: bool = False  # an upper object exists for this node
-    metacopy: bool = False  # the upper object holds metadata only; data is in lower[0]
+    metacopy: bool = False  # the top object holds metadata only; its data is in ``data``
+    data: Source | None = None  # metacopy: the lower regular file holding the data
+    redirect: tuple[bool, tuple[bytes, ...]] | None = None  # the upper object's redirect
     index_name: bytes | None = None  # a lower hard link copied up: its hard-link index entry
     link_difference: int = 0  # indexed: merged link count minus the upper inode's count
 
@@ -123,9 +137,54 @@ def link_path(parent: Node, name: bytes) -> tuple[bytes, ...]:
     return (*merged_path(parent), name)
 
 
+class InodeNumbers:
+    """Inode numbers from real ones, xino-style.
+
+    With every layer on one filesystem a number is the real inode number itself. With layers
+    on N > 1 filesystems the top B = bit_length(N - 1) bits hold the filesystem's index
+    (the upper's filesystem first, then the lowers' from the top) and the real number must
+    fit in the 63 - B bits below the next one. That bit, 1 << (63 - B), marks numbers made
+    per mount (``fallback``), for a real number too big to fit (not stable across remounts,
+    logged once), for a number already taken by a live node, and for 0 and 1 (the root is 1).
+    """
+
+    def __init__(self, devices: list[int]) -> None:
+        self.filesystems: dict[int, int] = {}
+        for device in devices:
+            self.filesystems.setdefault(device, len(self.filesystems))
+        self.bits = (len(self.filesystems) - 1).bit_length()
+        self.limit = 1 << (63 - self.bits)  # real numbers must be below; also the fallback bit
+        self._fallbacks = itertools.count(1)
+        self.too_big = 0
+
+    def persistent(self, key: tuple[int, int]) -> int | None:
+        """The number of object ``key`` = (st_dev, st_ino), None when it has none."""
+        device, ino = key
+        filesystem = self.filesystems.get(device)
+        if filesystem is None or ino <= ROOT_INODE:
+            return None
+        if ino >= self.limit:
+            if not self.too_big:
+                log.warning("inode number %d does not fit %d bits: numbered per mount", ino,
+                            63 - self.bits)  # fmt: skip
+            self.too_big += 1
+            return None
+        return (filesystem << (64 - self.bits)) | ino if self.bits else ino
+
+    def fallback(self) -> int:
+        return self.limit | next(self._fallbacks)
+
+
 class InodeTable:
-    def __init__(self, root_sources: list[Source], root_in_upper: bool) -> None:
-        self._numbers = itertools.count(ROOT_INODE + 1)
+    def __init__(
+        self,
+        root_sources: list[Source],
+        root_in_upper: bool,
+        numbers: InodeNumbers | None = None,
+    ) -> None:
+        if numbers is None:
+            numbers = InodeNumbers([os.fstat(s.layer.root_fd).st_dev for s in root_sources])
+        self.numbers = numbers
         self.nodes: dict[int, Node] = {}
         self.keys: dict[tuple[int, int], int] = {}
         self.root = Node(
@@ -148,11 +207,21 @@ class InodeTable:
         ino = self.keys.get(key)
         return None if ino is None else self.nodes.get(ino)
 
-    def new_node(self, key: tuple[int, int], kind: int, lower: list[Source]) -> Node:
+    def new_node(
+        self,
+        key: tuple[int, int],
+        kind: int,
+        lower: list[Source],
+        identity: tuple[int, int] | None = None,
+    ) -> Node:
+        """A node for object ``key`` (not known yet), numbered after object ``identity``
+        (default: ``key`` itself); a number this key had before in this mount is kept."""
         ino = self.keys.get(key)
-        if ino is None:
-            ino = next(self._numbers)
-            self.keys[key] = ino
+        if ino is None or ino in self.nodes:
+            ino = self.numbers.persistent(identity if identity is not None else key)
+            if ino is None or ino in self.nodes:
+                ino = self.numbers.fallback()
+        self.keys[key] = ino
         node = Node(ino, kind, lower)
         self.nodes[ino] = node
         return node

@@ -34,6 +34,18 @@ class Listing:
     redirect: tuple[bool, RelPath] | None = None  # where lower content of this dir lives
 
 
+@dataclass(frozen=True, slots=True)
+class OverlayXattrs:
+    """What a non-directory's overlay xattrs say."""
+
+    metacopy: bool = False  # overlay.metacopy: metadata only, the data is below
+    redirect: tuple[bool, RelPath] | None = None  # overlay.redirect, parsed
+    origin: bytes | None = None  # overlay.origin: the copy-up origin's file handle record
+
+
+NO_OVERLAY_XATTRS = OverlayXattrs()
+
+
 class Layer:
     def __init__(self, path: str, index: int, *, writable: bool) -> None:
         self.path = path
@@ -123,6 +135,25 @@ class Layer:
             if error.errno == errno.ELOOP:  # a symlink where a directory was expected
                 return None
             raise
+
+    def overlay_file_xattrs(self, path: RelPath) -> OverlayXattrs:
+        """The overlay bookkeeping of the non-directory ``path`` (metacopy, redirect,
+        origin), read in either the trusted or the user form with one ``listxattr``."""
+        parent_fd, name = self.parent_and_name(path)
+        attributes = safeio.list_xattrs(parent_fd, name)
+        if not attributes:
+            return NO_OVERLAY_XATTRS
+        metacopy = any(attribute in whiteout.METACOPY_XATTRS for attribute in attributes)
+        redirect = origin = None
+        for attribute in whiteout.REDIRECT_XATTRS:
+            if attribute in attributes:
+                redirect = whiteout.parse_redirect(safeio.get_xattr(parent_fd, name, attribute))
+                break
+        for attribute in whiteout.ORIGIN_XATTRS:
+            if attribute in attributes:
+                origin = safeio.get_xattr(parent_fd, name, attribute) or None
+                break
+        return OverlayXattrs(metacopy, redirect, origin)
 
     def parent_and_name(self, path: RelPath) -> tuple[int, bytes]:
         return self.dir_fd(path[:-1]), path[-1]

@@ -436,8 +436,8 @@ class Mutations:
         new_path = link_path(new_parent, new_name)
 
         if exchange and target is not None:
-            self._prepare_moved_dir(source, new_parent, new_name, old_fd, old_name)
-            self._prepare_moved_dir(target, old_parent, old_name, new_fd, new_name)
+            self._prepare_moved(source, old_parent, old_name, new_parent, new_name, old_fd)
+            self._prepare_moved(target, new_parent, new_name, old_parent, old_name, new_fd)
             safeio.renameat2(old_fd, old_name, new_fd, new_name, safeio.RENAME_EXCHANGE)
             self._relink(source, old_parent, old_name, new_parent, new_name)
             self._relink(target, new_parent, new_name, old_parent, old_name)
@@ -446,7 +446,7 @@ class Mutations:
             self.upper.note_entry(merged_path(new_parent), new_name, source.kind)
             return None
 
-        self._prepare_moved_dir(source, new_parent, new_name, old_fd, old_name)
+        self._prepare_moved(source, old_parent, old_name, new_parent, new_name, old_fd)
         replaced_st: os.stat_result | None = None
         target_upper = safeio.try_lstat(new_fd, new_name)
         if target_upper is not None and stat.S_ISDIR(target_upper.st_mode):
@@ -516,25 +516,56 @@ class Mutations:
         self.whiteouts_made -= 1
         self._make_whiteout(old_fd, old_name)
 
-    def _prepare_moved_dir(
-        self, node: Node, new_parent: Node, new_name: bytes, dir_fd: int, name: bytes
+    def _prepare_moved(
+        self,
+        node: Node,
+        old_parent: Node,
+        old_name: bytes,
+        new_parent: Node,
+        new_name: bytes,
+        dir_fd: int,
     ) -> None:
-        """Before a directory moves: a redirect keeps its lower content; a pure upper
-        directory landing where lower layers hold the name must hide them (opaque). A
-        metadata-only file gets a redirect to its data too."""
-        if node.metacopy and node.lower:
-            value = whiteout.encode_redirect(node.lower[0].path)
-            safeio.set_xattr(dir_fd, name, self.redirect_xattr, value)
+        """Before an object moves (it is at ``old_name`` in upper directory ``dir_fd``): a
+        directory with lower content, or a metadata-only file, gets a redirect to where its
+        lower content is found (kernel overlayfs's ``ovl_set_redirect``); a pure upper
+        directory landing where lower layers hold the name must hide them (opaque)."""
+        if node.lower if node.is_dir else node.metacopy:
+            samedir = old_parent is new_parent
+            absolute = not samedir or (not node.is_dir and node.lower_nlink > 1)
+            current = node.redirect
+            if current is not None and (not absolute or current[0]):
+                return  # still right: relative within the same directory, or absolute
+            parts = self._redirect_path(node, old_parent, old_name) if absolute else (old_name,)
+            value = whiteout.encode_redirect(parts) if absolute else old_name
+            safeio.set_xattr(dir_fd, old_name, self.redirect_xattr, value)
+            node.redirect = (absolute, parts)
             return
         if not node.is_dir:
             return
-        if node.lower:
-            value = whiteout.encode_redirect(node.lower[0].path)
-            safeio.set_xattr(dir_fd, name, self.redirect_xattr, value)
-        else:
-            lower_sources = [s for s in self.tree.dir_sources(new_parent) if not s.layer.writable]
-            if self.tree.stack._lower_has(lower_sources, new_name, None):
-                self._mark_opaque(dir_fd, name)
+        lower_sources = [s for s in self.tree.dir_sources(new_parent) if not s.layer.writable]
+        if self.tree.stack.lower_positive(lower_sources, new_name):
+            self._mark_opaque(dir_fd, old_name)
+
+    def _redirect_path(self, node: Node, old_parent: Node, old_name: bytes) -> RelPath:
+        """The absolute redirect of ``node``, now at ``old_parent``/``old_name``: its path in
+        the merged namespace of the layers below the upper (the kernel's
+        ``ovl_get_redirect``): each ancestor contributes its own redirect, else its name,
+        up to the root or to an ancestor's absolute redirect."""
+        current = node.redirect
+        parts: list[bytes] = [current[1][0] if current is not None else old_name]
+        directory = old_parent
+        depth = 0
+        while directory.ino != self.tree.root.ino and depth < 4096:
+            redirect = directory.redirect
+            if redirect is not None and redirect[0]:
+                return (*redirect[1], *parts)
+            link = directory.primary_link()
+            if link is None:
+                raise FileNotFoundError(errno.ENOENT, "directory has no name any more")
+            parts.insert(0, redirect[1][0] if redirect is not None else link[1])
+            directory = link[0]
+            depth += 1
+        return tuple(parts)
 
     def _relink(
         self, node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes

@@ -79,6 +79,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol
 
+from unionfs import safeio
+from unionfs.layer import Layer
+from unionfs.stack import Stack
+
 
 class _Reader(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
@@ -1242,76 +1246,53 @@ def _is_whiteout_dev(st: os.stat_result) -> bool:
 
 
 class _LowerView:
-    """Read-only merged view of lower layers (top first) for exporting redirected directories."""
+    """Read-only merged view of the lower layers (top first), by unionfs's own lookup rules
+    (``unionfs.stack``, those of kernel overlayfs): redirected directories and chains of
+    metadata-only files in the lower layers (rotated uppers) are followed."""
 
     def __init__(self, lowers_top_first: list[Path]) -> None:
-        self.fds = [os.open(p, DIR_FLAGS) for p in lowers_top_first]
+        self.layers: list[Layer] = []
+        try:
+            for index, path in enumerate(lowers_top_first):
+                self.layers.append(Layer(str(path), index, writable=False))
+        except BaseException:
+            self.close()
+            raise
+        self.stack = Stack(self.layers)
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
+        for layer in self.layers:
+            layer.close()
+        self.layers = []
 
-    def _open_in(self, root_fd: int, parts: tuple[str, ...]) -> int | None:
-        fd = os.dup(root_fd)
-        for part in parts:
-            try:
-                new = os.open(part, DIR_FLAGS, dir_fd=fd)
-            except OSError:
-                os.close(fd)
-                return None
-            os.close(fd)
-            fd = new
-        return fd
-
-    def open_file(self, parts: tuple[str, ...]) -> int | None:
-        """The topmost lower regular file at ``parts`` (a metacopy's data), opened read-only."""
-        for root in self.fds:
-            parent = self._open_in(root, parts[:-1])
-            if parent is None:
-                continue
-            try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-            except OSError:
-                continue
-            finally:
-                os.close(parent)
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                return fd
-            os.close(fd)
-        return None
+    def data_file(
+        self,
+        parent: tuple[str, ...],
+        name: str,
+        redirect: tuple[bool, tuple[str, ...]] | None,
+    ) -> int | None:
+        """The data of metadata-only file ``name`` (carrying ``redirect``) whose directory's
+        lower content is at ``parent``, opened read-only: the end of its metacopy chain."""
+        sources = self.stack.walk(tuple(os.fsencode(part) for part in parent))
+        target = None
+        if redirect is not None:
+            target = (redirect[0], tuple(os.fsencode(part) for part in redirect[1]))
+        data = self.stack.data_below(sources or [], os.fsencode(name), target)
+        if data is None:
+            return None
+        return safeio.open_lower_file(*data.layer.parent_and_name(data.path))
 
     def merged_dirs(self, parts: tuple[str, ...]) -> list[int]:
-        """Directory fds making up the merged lower directory ``parts``, top first.
-
-        Simplification (documented): a lower path is looked up by name in each layer; a
-        whiteout or non-directory in a higher layer stops the search, an opaque dir ends it.
-        Redirects inside lower layers are not followed.
-        """
-        result: list[int] = []
-        for root in self.fds:
-            parent = self._open_in(root, parts[:-1]) if parts else os.dup(root)
-            if parent is None:
-                continue
+        """Directory fds (the caller closes them) making up the merged lower directory at
+        ``parts`` in the lower layers' merged namespace, top first."""
+        sources = self.stack.walk(tuple(os.fsencode(part) for part in parts)) or []
+        fds = []
+        for source in sources:
             try:
-                if parts:
-                    try:
-                        st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
-                    except FileNotFoundError:
-                        if os.path.lexists(_xattr_path(parent, WHITEOUT_PREFIX + parts[-1])):
-                            break
-                        continue
-                    if not stat.S_ISDIR(st.st_mode):
-                        break
-                    fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
-                else:
-                    fd = os.dup(parent)
-            finally:
-                os.close(parent)
-            result.append(fd)
-            xattrs = _read_xattrs(fd, None)
-            if _is_opaque(xattrs) or os.path.lexists(_xattr_path(fd, OPAQUE_MARKER)):
-                break
-        return result
+                fds.append(os.dup(source.layer.dir_fd(source.path)))
+            except OSError:
+                continue
+        return fds
 
 
 class _TarExporter:
@@ -1375,7 +1356,14 @@ class _TarExporter:
             self.entry(fd, name, path, st, lower)
 
     def entry(
-        self, parent: int, name: str, path: str, st: os.stat_result, lower: tuple[str, ...]
+        self,
+        parent: int,
+        name: str,
+        path: str,
+        st: os.stat_result,
+        lower: tuple[str, ...],
+        *,
+        from_lower: bool = False,
     ) -> None:
         self.bar.update(f"{self.result.members} entries, {_human(self.bytes)}")
         if stat.S_ISDIR(st.st_mode):
@@ -1416,7 +1404,7 @@ class _TarExporter:
         if stat.S_ISREG(st.st_mode):
             info.type = tarfile.REGTYPE
             if any(a in xattrs for a in METACOPY_XATTRS):
-                fd = self._metacopy_data(path, name, xattrs, lower)
+                fd = self._metacopy_data(path, name, xattrs, lower, from_lower=from_lower)
                 info.size = os.fstat(fd).st_size
             else:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
@@ -1444,23 +1432,30 @@ class _TarExporter:
         self.result.members += 1
 
     def _metacopy_data(
-        self, path: str, name: str, xattrs: dict[str, bytes], lower: tuple[str, ...]
+        self,
+        path: str,
+        name: str,
+        xattrs: dict[str, bytes],
+        lower: tuple[str, ...],
+        *,
+        from_lower: bool = False,
     ) -> int:
-        """The fd of a metadata-only copy-up's data: the lower file at its redirect or path."""
+        """The fd of a metadata-only file's data, found in the lower layers as kernel
+        overlayfs finds it: at its redirect, else at its name in its directory's lower
+        content (``lower``), following the chain of older metadata-only copies down to a
+        file holding data. ``from_lower``: the file itself is in a lower layer (a merged
+        directory's content), where the search starts from it (its redirect applies below
+        it only)."""
         if self.lowers is None:
             raise ImageError(
                 f"{path}: metadata-only copy-up (overlay.metacopy); its data lives in the lower"
                 " layers: pass the lower layers to export it"
             )
-        redirect = _redirect_of(xattrs)
-        if redirect is None:
-            data_path = (*lower, name)
-        else:
-            absolute, parts = redirect
-            data_path = parts if absolute else (*lower, *parts)
-        fd = self.lowers.open_file(data_path)
+        redirect = None if from_lower else _redirect_of(xattrs)
+        fd = self.lowers.data_file(lower, name, redirect)
         if fd is None:
-            raise ImageError(f"{path}: data of metadata-only copy ({'/'.join(data_path)}) missing")
+            where = "/".join(redirect[1]) if redirect is not None else "/".join((*lower, name))
+            raise ImageError(f"{path}: data of metadata-only copy ({where}) missing")
         self.result.metacopies += 1
         return fd
 
@@ -1557,11 +1552,17 @@ class _TarExporter:
                         self.tar.addfile(info)
                         self.result.members += 1
                         sub_upper = cfd if (index == 0 and upper_fd is not None) else None
-                        self._merged(sub_upper, (*origin, name), child_path)
+                        sub_origin = (*origin, name)
+                        redirect = _redirect_of(xattrs) if sub_upper is not None else None
+                        if redirect is not None:  # renamed again inside a renamed directory
+                            absolute, parts = redirect
+                            sub_origin = parts if absolute else (*origin, *parts)
+                        self._merged(sub_upper, sub_origin, child_path)
                     finally:
                         os.close(cfd)
                 else:
-                    self.entry(dfd, name, child_path, st, origin)
+                    from_lower = index > 0 or upper_fd is None
+                    self.entry(dfd, name, child_path, st, origin, from_lower=from_lower)
         finally:
             for lfd in lower_fds:
                 os.close(lfd)

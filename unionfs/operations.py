@@ -150,8 +150,8 @@ class Operations(pyfuse3.Operations):
         else:
             nlink = self.tree.nlink(node, st)
         attributes = entry_attributes(st, node.ino, nlink, self.timeout)
-        if node.metacopy and node.lower:
-            data = node.lower[0]  # the upper copy is all hole: show the data's allocation
+        if node.metacopy and node.data is not None:
+            data = node.data  # the top object is all hole: show the data's allocation
             attributes.st_blocks = data.layer.lstat(data.path).st_blocks
         if not self.ids.identity:
             attributes.st_uid, attributes.st_gid = self.ids.shown(st.st_uid, st.st_gid)

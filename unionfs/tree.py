@@ -15,16 +15,26 @@ import stat
 from unionfs import safeio, whiteout
 from unionfs.index import HardLinkIndex
 from unionfs.inodes import InodeTable, Node, link_path, merged_path
-from unionfs.layer import Layer
-from unionfs.stack import Resolved, Source, Stack
+from unionfs.layer import Layer, OverlayXattrs
+from unionfs.origin import Origins
+from unionfs.stack import Chain, Resolved, Source, Stack
 
 log = logging.getLogger(__name__)
+
+NAME_MAX = 255  # the longest name a local filesystem takes (bytes)
+
+
+def check_name_length(name: bytes) -> None:
+    """Any name longer than NAME_MAX is ENAMETOOLONG, in every operation (lookup first)."""
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "file name too long")
 
 
 class MergedTree:
     def __init__(self, layers: list[Layer]) -> None:
         self.stack = Stack(layers)
         self.upper: Layer | None = self.stack.upper
+        self.origins = Origins()
         self.inodes = InodeTable(self.stack.root_sources(), root_in_upper=self.upper is not None)
         self.index: HardLinkIndex | None = None  # set by the mount when it writes an index
 
@@ -71,6 +81,7 @@ class MergedTree:
 
     # lookup --------------------------------------------------------------------------
     def resolve(self, parent: Node, name: bytes) -> Resolved | None:
+        check_name_length(name)
         return self.stack.resolve(self.dir_sources(parent), name)
 
     def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
@@ -92,14 +103,7 @@ class MergedTree:
         if node is None and not resolved.in_upper and self._may_be_indexed(st):
             node = self._adopt_indexed(top, st, key, lower)
         if node is None:
-            node = self.inodes.new_node(key, resolved.kind, lower)
-            node.in_upper = resolved.in_upper
-            if not resolved.in_upper and not node.is_dir:
-                node.lower_nlink = st.st_nlink
-            elif resolved.in_upper and stat.S_ISREG(st.st_mode):
-                self._find_metacopy_data(node, parent, name, st)
-                if st.st_nlink > 1 and self.index is not None and self.index.names:
-                    self._find_index_entry(node, parent, name, st)
+            node = self._new_node(parent, name, resolved, st, key, lower)
         if node.is_dir:
             node.lower = lower
             node.in_upper = resolved.in_upper
@@ -115,6 +119,104 @@ class MergedTree:
             # A lower hard link of a file already copied up shows the upper copy.
             st = self.stat(node)
         return node, st
+
+    def _new_node(
+        self,
+        parent: Node,
+        name: bytes,
+        resolved: Resolved,
+        st: os.stat_result,
+        key: tuple[int, int],
+        lower: list[Source],
+    ) -> Node:
+        """The node of an object seen for the first time (or again after being forgotten).
+
+        Its number follows the kernel's ``ovl_getattr``: a lower entry's own inode (the top
+        one of a metadata-only chain); a merged directory's topmost lower directory; an
+        upper non-directory's copy-up origin when it is found and has one name (or the copy
+        is indexed); else the upper object's own inode."""
+        top = resolved.top
+        if resolved.kind == stat.S_IFDIR:
+            identity = key
+            if lower:
+                first = lower[0].layer.lstat(lower[0].path)
+                identity = (first.st_dev, first.st_ino)
+            node = self.inodes.new_node(key, resolved.kind, lower, identity)
+            node.in_upper = resolved.in_upper
+            if resolved.in_upper:
+                listing = top.layer.listing(top.path)
+                node.redirect = listing.redirect if listing is not None else None
+            return node
+        regular = stat.S_ISREG(st.st_mode)
+        if not resolved.in_upper:
+            node = self.inodes.new_node(key, resolved.kind, lower)
+            node.lower_nlink = st.st_nlink
+            if regular:
+                self._take_chain(node, self.stack.chain(resolved, name), top)
+            return node
+        xattrs = top.layer.overlay_file_xattrs(top.path)
+        chain: Chain | None = None
+        if regular and st.st_size > 0 and xattrs.metacopy:
+            chain = self.stack.chain(resolved, name, (True, xattrs.redirect))
+        index_name = None
+        if regular and st.st_nlink > 1 and self.index is not None and self.index.names:
+            index_name = self._index_entry_of(parent, name, st)
+        origin: tuple[int, int] | None = None
+        if xattrs.origin is not None:
+            origin = self._origin_identity(
+                resolved, name, xattrs, chain, indexed=index_name is not None
+            )
+        node = self.inodes.new_node(key, resolved.kind, [], origin)
+        node.in_upper = True
+        node.redirect = xattrs.redirect
+        if chain is not None:
+            self._take_chain(node, chain, top)
+        if index_name is not None:
+            self._take_index_entry(node, parent, name, st, index_name)
+        return node
+
+    @staticmethod
+    def _take_chain(node: Node, chain: Chain, top: Source) -> None:
+        if not chain.metacopy:
+            return
+        node.metacopy = True
+        node.data = chain.data
+        if chain.data is None:
+            log.warning(
+                "metadata-only file %s (%s) has no data in any lower layer: reading it fails",
+                b"/".join(top.path).decode(errors="replace"),
+                top.layer.path,
+            )
+
+    def _origin_identity(
+        self,
+        resolved: Resolved,
+        name: bytes,
+        xattrs: OverlayXattrs,
+        chain: Chain | None,
+        *,
+        indexed: bool,
+    ) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the copy-up origin of an upper non-directory, when it can be
+        found and is to be shown (one name, or the copy is indexed: the kernel's rule).
+        Found by path first (its redirect or its name below), checked against the stored
+        file handle; then, where permitted (root), by the handle itself. None: not found
+        (unprivileged, and renamed after its data was copied up), or not to be shown."""
+        assert xattrs.origin is not None
+        if chain is not None:
+            candidate = chain.below
+        else:
+            candidate = self.stack.origin_candidate(resolved, name, xattrs.redirect)
+        if candidate is not None:
+            found = candidate.layer.try_lstat(candidate.path)
+            dir_fd, entry = candidate.layer.parent_and_name(candidate.path)
+            if found is not None and self.origins.matches(xattrs.origin, dir_fd, entry, found):
+                return (found.st_dev, found.st_ino) if found.st_nlink == 1 or indexed else None
+        lowers = [layer.root_fd for layer in self.stack.layers if not layer.writable]
+        found = self.origins.stat_by_handle(xattrs.origin, lowers) if lowers else None
+        if found is not None and (found.st_nlink == 1 or indexed):
+            return (found.st_dev, found.st_ino)
+        return None
 
     # the hard-link index -------------------------------------------------------------
     def _may_be_indexed(self, st: os.stat_result) -> bool:
@@ -143,7 +245,7 @@ class MergedTree:
             self.inodes.drop_key(index_key, node)  # a number reused since: not that node
             node = None
         if node is None:
-            node = self.inodes.new_node(index_key, stat.S_IFREG, lower)
+            node = self.inodes.new_node(index_key, stat.S_IFREG, lower, key)
             node.in_upper = True
             node.link_difference = self.index.link_difference(
                 self.index.fd, index_name, index_st, st.st_nlink
@@ -153,7 +255,7 @@ class MergedTree:
                 for attribute in safeio.list_xattrs(self.index.fd, index_name)
             ):
                 node.metacopy = True  # (the kernel's): the data is the origin, this inode
-                node.lower = [top]
+                node.data = top
         node.index_name = index_name
         if not node.lower:
             node.lower = lower
@@ -161,14 +263,20 @@ class MergedTree:
         self.inodes.alias(key, node)
         return node
 
-    def _find_index_entry(self, node: Node, parent: Node, name: bytes, st: os.stat_result) -> None:
+    def _index_entry_of(self, parent: Node, name: bytes, st: os.stat_result) -> bytes | None:
+        """The index entry name of upper file ``name`` when it is an indexed copy."""
+        assert self.upper is not None and self.index is not None
+        dir_fd, entry = self.upper.parent_and_name(link_path(parent, name))
+        return self.index.upper_entry_name(dir_fd, entry, st)
+
+    def _take_index_entry(
+        self, node: Node, parent: Node, name: bytes, st: os.stat_result, index_name: bytes
+    ) -> None:
         """An upper file that is an indexed copy: take its merged link count record."""
         assert self.upper is not None and self.index is not None
         dir_fd, entry = self.upper.parent_and_name(link_path(parent, name))
-        index_name = self.index.upper_entry_name(dir_fd, entry, st)
-        if index_name is not None:
-            node.index_name = index_name
-            node.link_difference = self.index.link_difference(dir_fd, entry, st, st.st_nlink)
+        node.index_name = index_name
+        node.link_difference = self.index.link_difference(dir_fd, entry, st, st.st_nlink)
 
     def consume_lower_link(self, node: Node) -> None:
         """One lower name of ``node`` stops showing it from below (copied up, linked up,
@@ -201,34 +309,6 @@ class MergedTree:
             node.in_upper = False  # no name anywhere: an fd still open sees the file itself
             node.lower = []
 
-    def _find_metacopy_data(
-        self, node: Node, parent: Node, name: bytes, st: os.stat_result
-    ) -> None:
-        """An upper file whose data was never copied (metacopy): point it at its lower data."""
-        if st.st_size == 0 or self.upper is None:
-            return  # no data to find; (the kernel's own metacopy files are not always sparse)
-        parent_fd, entry = self.upper.parent_and_name(link_path(parent, name))
-        if not any(
-            attribute in whiteout.METACOPY_XATTRS
-            for attribute in safeio.list_xattrs(parent_fd, entry)
-        ):
-            return
-        redirect = None
-        for attribute in whiteout.REDIRECT_XATTRS:
-            parsed = whiteout.parse_redirect(safeio.get_xattr(parent_fd, entry, attribute))
-            if parsed is not None:
-                redirect = parsed[1] if parsed[0] else (*link_path(parent, name)[:-1], *parsed[1])
-                break
-        source = self.stack.data_source(parent.lower, name, redirect)
-        if source is None:
-            log.warning(
-                "metacopy file %s has no lower data; showing it as stored",
-                b"/".join(link_path(parent, name)),
-            )
-            return
-        node.metacopy = True
-        node.lower = [source]
-
     # attributes ----------------------------------------------------------------------
     def stat(self, node: Node) -> os.stat_result:
         if node.in_upper and self.upper is not None:
@@ -254,12 +334,16 @@ class MergedTree:
         remaining_lower = max(node.lower_nlink - node.lower_links_consumed, 0) if node.lower else 0
         if node.in_upper:
             return st.st_nlink + remaining_lower
-        return max(remaining_lower, 1)
+        return remaining_lower  # 0: no name left (open, unlinked or renamed over)
 
     # data ----------------------------------------------------------------------------
     def open_for_read(self, node: Node) -> int:
-        """An fd on the node's current data (upper copy if any, else the top lower file)."""
-        if node.in_upper and self.upper is not None and not node.metacopy:
+        """An fd on the node's current data (upper copy if any, else the top lower file; a
+        metadata-only one's data file)."""
+        if node.metacopy:
+            data = self.data_source(node)
+            return safeio.open_lower_file(*data.layer.parent_and_name(data.path))
+        if node.in_upper and self.upper is not None:
             parent_fd, name = self.upper_object(node)
             return safeio.open_file(parent_fd, name, os.O_RDONLY)
         if not node.lower:
@@ -267,6 +351,14 @@ class MergedTree:
         top = node.lower[0]
         parent_fd, name = top.layer.parent_and_name(top.path)
         return safeio.open_lower_file(parent_fd, name)
+
+    @staticmethod
+    def data_source(node: Node) -> Source:
+        """Where a metadata-only node's data is; EIO when no lower layer has it (the chain
+        of metacopy files and redirects ends nowhere: kernel overlayfs fails the lookup)."""
+        if node.data is None:
+            raise OSError(errno.EIO, "metadata-only file whose data is in no lower layer")
+        return node.data
 
     def readlink(self, node: Node) -> bytes:
         if not stat.S_ISLNK(node.kind):

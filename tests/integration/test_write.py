@@ -201,13 +201,15 @@ def test_rename_lower_directory_is_o1(tmp_layers: TmpLayers, tmp_path: Path,
         assert not (mnt / "tree").exists()
         assert (mnt / "moved/sub3/f7").read_text() == "3-7"
         assert (mnt / "moved").stat().st_ino == inode
-        assert os.getxattr(upper / "moved", REDIRECT_XATTR) == b"/tree"
+        # Within one directory the kernel writes a relative redirect (the old name).
+        assert os.getxattr(upper / "moved", REDIRECT_XATTR) == b"tree"
         assert os.listdir(upper / "moved") == [], "the renamed tree was copied"
         assert is_whiteout(upper / "tree")
-        # and once more, into another directory
+        # and once more, into another directory: now absolute
         (mnt / "other").mkdir()
         os.rename(mnt / "moved", mnt / "other/again")
         assert (mnt / "other/again/sub0/f0").read_text() == "0-0"
+        assert os.getxattr(upper / "other/again", REDIRECT_XATTR) == b"/tree"
 
 
 def test_hard_links_survive_copy_up(tmp_layers: TmpLayers, tmp_path: Path,
@@ -491,9 +493,10 @@ def test_metadata_only_copy_up_survives_remount(tmp_layers: TmpLayers, tmp_path:
         os.rename(mnt / "moved", mnt / "renamed")
         stored = (upper / "big").lstat()
         assert stat.S_IMODE(stored.st_mode) == 0o600 and stored.st_size == len(payload)
-        assert stored.st_blocks == 0, "the data was copied"
+        # (at most a block of xattrs: metacopy, origin and redirect may not fit the inode)
+        assert stored.st_blocks * 512 <= 4096, "the data was copied"
         assert os.getxattr(upper / "big", METACOPY_XATTR) == b""
-        assert os.getxattr(upper / "renamed", REDIRECT_XATTR) == b"/moved"
+        assert os.getxattr(upper / "renamed", REDIRECT_XATTR) == b"moved"  # same directory
         assert (mnt / "big").read_bytes() == payload
     with writable(layers, tmp_path, mountpoint) as (mnt, upper):
         assert (mnt / "big").read_bytes() == payload, "metacopy lost its data on remount"

@@ -12,7 +12,8 @@ PACKAGE = Path(unionfs.__file__).parent
 FUSE_AWARE = {"operations", "mount", "attrs", "fuseconn"}
 # Lower modules never import higher ones (a module may import any module listed after it).
 ORDER = ["cli", "commands", "mount", "operations", "fuseconn", "introspection", "mutations",
-         "copyup", "tree", "index", "inodes", "stack", "layer", "workdir", "safeio", "whiteout"]
+         "copyup", "tree", "index", "origin", "inodes", "stack", "layer", "workdir", "safeio",
+         "whiteout"]
 
 
 def imports(module: str) -> set[str]:
