@@ -19,6 +19,7 @@ DIR = Node("dir", mode=0o755)
 OPAQUE = Node("dir", mode=0o755, opaque=True)
 WHITEOUT = Node("whiteout")
 FIFO = Node("fifo")
+LONG = "n" * 256  # one byte past NAME_MAX
 PAST_NS = BASE_MTIME_NS + 77_000_000_001  # an explicit utime value (old, so compared exactly)
 
 
@@ -441,6 +442,29 @@ SCENARIOS: list[Scenario] = [
             o.listdir("."),
         ],
         expect={7: 0},
+    ),
+    Scenario(
+        "names longer than 255 bytes: ENAMETOOLONG in every operation",
+        TWO_LAYER_TREE,
+        [
+            o.lstat(LONG),
+            o.create(LONG),
+            o.mkdir(LONG),
+            o.mkfifo(LONG),
+            o.symlink(LONG, "f"),
+            o.link("f", LONG),
+            o.rename("f", LONG),
+            o.rename(LONG, "g"),
+            o.unlink(LONG),
+            o.rmdir(LONG),
+            o.chmod(LONG, 0o600),
+            o.truncate_path(LONG, 0),
+            o.setxattr(LONG, "user.x", b"1"),
+            o.lstat("d/" + LONG),
+            o.create("d/" + "m" * 255, b"255 bytes is fine"),
+            o.rename("d/" + "m" * 255, "m" * 255),
+        ],
+        expect={**dict.fromkeys(range(14), errno.ENAMETOOLONG), 14: 0, 15: 0},
     ),
 ]
 # fmt: on

@@ -13,7 +13,7 @@ import os
 import random
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -558,3 +558,83 @@ def test_unlinked_open_files_never_reach_the_lower_layer(tmp_layers: TmpLayers, 
         finally:
             os.close(reader)
             os.close(writer)
+
+
+def test_link_count_is_zero_once_the_last_name_is_gone(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
+    """fstat of a file opened and then unlinked (or renamed over) says st_nlink 0, as every
+    local filesystem does; a lower hard link that keeps a name says 1."""
+    layers = tmp_layers({"lower": "l", "over_me": "o", "source": "s", "h1": "h"})
+    os.link(layers[0] / "h1", layers[0] / "h2")
+    with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
+        (mnt / "upper").write_text("u")
+        (mnt / "upper_target").write_text("t")
+        fds = {
+            name: os.open(mnt / name, os.O_RDONLY)
+            for name in ("lower", "upper", "over_me", "upper_target", "h1")
+        }
+        try:
+            (mnt / "lower").unlink()
+            (mnt / "upper").unlink()
+            os.rename(mnt / "source", mnt / "over_me")  # a lower file renamed over
+            os.rename(mnt / "over_me", mnt / "upper_target")  # an upper file renamed over
+            (mnt / "h1").unlink()
+            nlinks = {name: os.fstat(fd).st_nlink for name, fd in fds.items()}
+            assert nlinks == {"lower": 0, "upper": 0, "over_me": 0, "upper_target": 0, "h1": 1}
+            assert os.pread(fds["lower"], 10, 0) == b"l"  # still readable
+            assert (mnt / "h2").stat().st_nlink == 1
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
+def _long_name_errors(mnt: Path, long: str) -> dict[str, int]:
+    """The errno of every operation on a name of more than 255 bytes (0: it worked)."""
+    operations: dict[str, Callable[[], object]] = {
+        "stat": lambda: os.lstat(mnt / long),
+        "open": lambda: os.close(os.open(mnt / long, os.O_RDONLY)),
+        "create": lambda: os.close(os.open(mnt / long, os.O_CREAT | os.O_WRONLY, 0o644)),
+        "mknod": lambda: os.mknod(mnt / long, stat.S_IFIFO | 0o644),
+        "mkdir": lambda: os.mkdir(mnt / long),
+        "symlink": lambda: os.symlink("target", mnt / long),
+        "link": lambda: os.link(mnt / "f", mnt / long),
+        "rename_from": lambda: os.rename(mnt / long, mnt / "g"),
+        "rename_to": lambda: os.rename(mnt / "f", mnt / long),
+        "unlink": lambda: os.unlink(mnt / long),
+        "rmdir": lambda: os.rmdir(mnt / long),
+        "chmod": lambda: os.chmod(mnt / long, 0o600),
+        "chown": lambda: os.chown(mnt / long, 0, 0),
+        "truncate": lambda: os.truncate(mnt / long, 0),
+        "utime": lambda: os.utime(mnt / long),
+        "setxattr": lambda: os.setxattr(mnt / long, "user.x", b"1"),
+        "getxattr": lambda: os.getxattr(mnt / long, "user.x"),
+        "listxattr": lambda: os.listxattr(mnt / long),
+        "removexattr": lambda: os.removexattr(mnt / long, "user.x"),
+        "inside": lambda: os.lstat(mnt / long / "x"),
+    }
+    errors = {}
+    for name, operation in operations.items():
+        try:
+            operation()
+            errors[name] = 0
+        except OSError as error:
+            errors[name] = error.errno
+    return errors
+
+
+@pytest.mark.parametrize("length", [256, 1024])
+def test_names_longer_than_255_bytes(
+    length: int, tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
+    """ENAMETOOLONG for every operation on a longer name (before the fix lookups said
+    ENOENT), as local filesystems and kernel overlayfs answer; 255 bytes still work."""
+    layers = tmp_layers({"f": "f", "d/x": "x"})
+    with writable(layers, tmp_path, mountpoint) as (mnt, upper):
+        errors = _long_name_errors(mnt, "n" * length)
+        assert errors == dict.fromkeys(errors, errno.ENAMETOOLONG)
+        longest = "m" * 255
+        (mnt / longest).write_text("ok")
+        os.rename(mnt / longest, mnt / "d" / longest)
+        assert (mnt / "d" / longest).read_text() == "ok"
+        assert (upper / "d" / longest).read_text() == "ok"
