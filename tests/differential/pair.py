@@ -59,7 +59,12 @@ class Pair:
 
 
 @contextlib.contextmanager
-def mounted_pair(sut: Backend, layers: Sequence[Path], base: Path) -> Iterator[Pair]:
+def mounted_pair(
+    sut: Backend, layers: Sequence[Path], base: Path, sut_layers: Sequence[Path] | None = None
+) -> Iterator[Pair]:
+    """Kernel overlayfs over ``layers`` and the SUT over ``sut_layers`` (default: the same),
+    each with its own upper and workdir under ``base``. (Different lowers: each side's own
+    uppers of earlier generations rotated into its lowers, see ``rotation``.)"""
     pair = Pair(sut, list(layers), base)
     with contextlib.ExitStack() as stack:
         stack.enter_context(
@@ -68,7 +73,12 @@ def mounted_pair(sut: Backend, layers: Sequence[Path], base: Path) -> Iterator[P
             )
         )
         stack.enter_context(
-            sut.mounted(layers, pair.sut_mount, upper=base / "sut.upper", workdir=base / "sut.work")
+            sut.mounted(
+                layers if sut_layers is None else sut_layers,
+                pair.sut_mount,
+                upper=base / "sut.upper",
+                workdir=base / "sut.work",
+            )
         )
         pair.kernel_fd = stack.enter_context(root_fd_of(pair.kernel_mount))
         pair.sut_fd = stack.enter_context(root_fd_of(pair.sut_mount))
@@ -81,8 +91,11 @@ def round_trip(
     base: Path,
     kernel_view: tuple[Snapshot, Entry],
     sut_view: tuple[Snapshot, Entry],
+    sut_layers: Sequence[Path] | None = None,
 ) -> list[str]:
-    """Mount each upper with the other implementation (after `mounted_pair` has exited).
+    """Mount each upper with the other implementation (after `mounted_pair` has exited), each
+    over the lowers it was written over (`layers` for the kernel's upper, `sut_layers`,
+    default the same, for the SUT's).
 
     0. The SUT over its own upper and workdir again must show its live view (persistence).
     1. Kernel overlayfs over the upper and workdir the SUT wrote must show the SUT's view.
@@ -92,11 +105,12 @@ def round_trip(
        differs from the live view but equals what the kernel itself shows when remounted, that
        counts as agreement: the SUT reads the kernel's format exactly as the kernel does.
     """
+    own_layers = layers if sut_layers is None else sut_layers
     problems = []
     # 0. The SUT remounted over its own upper and workdir shows what it showed live (first: the
     #    kernel mount below writes its own records into that upper).
     with sut.mounted(
-        layers, base / "sut-again", upper=base / "sut.upper", workdir=base / "sut.work"
+        own_layers, base / "sut-again", upper=base / "sut.upper", workdir=base / "sut.work"
     ) as mountpoint:
         seen = view_of(mountpoint)
     problems += [
@@ -104,7 +118,7 @@ def round_trip(
         for line in compare_views(sut_view, seen, (f"{sut.name} live", f"{sut.name} remounted"))
     ]
     with ORACLE.mounted(
-        layers, base / "kernel-over-sut", upper=base / "sut.upper", workdir=base / "sut.work"
+        own_layers, base / "kernel-over-sut", upper=base / "sut.upper", workdir=base / "sut.work"
     ) as mountpoint:
         seen = view_of(mountpoint)
     problems += [

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from tests.differential import ops as o
 from tests.differential.layers import BASE_MTIME_NS, Layer, Node, Stack
 from tests.differential.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op
+from tests.differential.rotation import Rotation
 
 DIR = Node("dir", mode=0o755)
 OPAQUE = Node("dir", mode=0o755, opaque=True)
@@ -465,6 +466,96 @@ SCENARIOS: list[Scenario] = [
             o.rename("d/" + "m" * 255, "m" * 255),
         ],
         expect={**dict.fromkeys(range(14), errno.ENAMETOOLONG), 14: 0, 15: 0},
+    ),
+]
+# fmt: on
+
+
+# --------------------------------------------------------------------------- rotations
+# Uppers rotated into the lowers, three generations (see rotation.py): renames (files and
+# directories, within and across directories), chmods, xattr changes, hard links and
+# deletes in each, so every kind of upper entry becomes a lower entry of the next one.
+ROTATION_BASE = [
+    layer(
+        {
+            "d/base": b"base file\n" * 100,
+            "d/sub/deep": b"deep\n",
+            "f": file(b"0123456789" * 50, mode=0o640, uid=1000, gid=1000,
+                      xattrs=(("user.k", b"v"),)),
+            "hl/one": b"linked content\n" * 10,
+            "hl/two": hard("hl/one"),
+            "gone": b"to be deleted\n",
+            "tree/a/b": b"ab" * 300,
+            "tree/c": b"c\n",
+            "keep": b"k" * 4000,
+            "chmods": b"chmod me\n" * 30,
+        }
+    ),
+    layer(
+        {
+            "d/top": b"top\n",
+            "opq": OPAQUE,
+            "opq/inside": b"in opaque\n",
+            "link": sym("d/base"),
+        }
+    ),
+]
+
+# fmt: off
+ROTATIONS: list[Rotation] = [
+    Rotation(
+        "renames, chmods, xattrs, hard links and deletes over three generations",
+        ROTATION_BASE,
+        [
+            [
+                o.rename("d/base", "d/renamed"),
+                o.rename("f", "d/f2"),
+                o.chmod("keep", 0o600),
+                o.setxattr("d/top", "user.a", b"1"),
+                o.rename("tree", "tree2"),
+                o.link("hl/one", "hl/three"),
+                o.unlink("gone"),
+                o.unlink("d/sub/deep"),
+                o.rmdir("d/sub"),
+                o.read("d/renamed"),
+            ],
+            [
+                o.read("d/renamed"), o.read("d/f2"), o.read("keep"), o.read("tree2/a/b"),
+                o.rename("d/renamed", "renamed_again"),
+                o.chmod("d/f2", 0o600),
+                o.rename("tree2/a", "moved_a"),
+                o.append("keep", b"!"),
+                o.removexattr("d/top", "user.a"),
+                o.setxattr("d/top", "user.b", b"2"),
+                o.link("d/f2", "linked_f2"),
+                o.unlink("hl/two"),
+                o.rename("hl", "hl2"),
+                o.mkdir("d/sub"),
+                o.chmod("chmods", 0o600),
+            ],
+            [
+                o.read("renamed_again"), o.read("d/f2"), o.read("linked_f2"),
+                o.read("moved_a/b"), o.read("keep"), o.read("hl2/one"), o.read("hl2/three"),
+                o.rename("renamed_again", "d/back"),
+                o.truncate("d/f2", 100),
+                o.chmod("moved_a", 0o700),
+                o.unlink("linked_f2"),
+                o.rename("tree2", "d/tree3"),
+                o.write("d/back", b"XYZ", 3),
+                o.chmod("chmods", 0o640),
+                o.listdir("."), o.listdir("d"), o.listdir("d/tree3"),
+            ],
+        ],
+        expect={(0, 0): 0, (0, 5): 0, (1, 4): 0, (1, 6): 0, (1, 10): 0, (2, 7): 0},
+    ),
+    Rotation(
+        "one file renamed, chmodded and touched in every generation",
+        ROTATION_BASE,
+        [
+            [o.rename("keep", "k1"), o.utime("k1", PAST_NS, PAST_NS)],
+            [o.chmod("k1", 0o604), o.rename("k1", "d/k2")],
+            [o.setxattr("d/k2", "user.n", b"3"), o.rename("d/k2", "k3"), o.read("k3")],
+        ],
     ),
 ]
 # fmt: on

@@ -286,10 +286,13 @@ class DifferentialMachine(RuleBasedStateMachine):
         if problems:
             self._fail(f"after step {self.steps}:\n  " + "\n  ".join(problems))
 
+    def operations(self) -> st.SearchStrategy[Op]:
+        return operations(sorted(self.pool))
+
     @rule(data=st.data())
     def step(self, data: st.DataObject) -> None:
         assert self.pair is not None
-        op = data.draw(operations(sorted(self.pool)), label="op")
+        op = data.draw(self.operations(), label="op")
         kernel, got = self.pair.step(op)
         self.steps += 1
         if kernel.errno == 0:
