@@ -528,8 +528,25 @@ class Mutations:
         """Before an object moves (it is at ``old_name`` in upper directory ``dir_fd``): a
         directory with lower content, or a metadata-only file, gets a redirect to where its
         lower content is found (kernel overlayfs's ``ovl_set_redirect``); a pure upper
-        directory landing where lower layers hold the name must hide them (opaque)."""
-        if node.lower if node.is_dir else node.metacopy:
+        directory landing where lower layers hold the name must hide them (opaque).
+
+        Beyond the kernel: a regular file copied up with its data gets one too when it has an
+        origin, so that its origin (and st_ino) is found by path after a remount even where
+        ``open_by_handle_at`` is not permitted (unprivileged). Kernel overlayfs ignores a
+        redirect on a file that holds its data (and leaves one itself on a metadata-only copy
+        that got its data), and the origin's file handle is checked before it is used."""
+        if node.is_dir:
+            redirected = bool(node.lower)
+        elif node.metacopy:
+            redirected = True
+        else:
+            redirected = (
+                stat.S_ISREG(node.kind)
+                and node.in_upper
+                and self.upper.overlay_file_xattrs(link_path(old_parent, old_name)).origin
+                is not None
+            )
+        if redirected:
             samedir = old_parent is new_parent
             absolute = not samedir or (not node.is_dir and node.lower_nlink > 1)
             current = node.redirect

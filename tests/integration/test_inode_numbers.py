@@ -6,10 +6,14 @@ Before the fix every remount numbered everything anew (st_ino was assigned per m
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,3 +178,49 @@ def test_layers_on_two_filesystems_get_composed_numbers(
     finally:
         if subprocess.run(["umount", str(fs)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+CHILD = """
+import json, sys
+from pathlib import Path
+from tests.integration.test_inode_numbers import change_everything, numbers
+mnt = Path(sys.argv[1])
+if sys.argv[2] == "change":
+    change_everything(mnt)
+print(json.dumps(numbers(mnt)))
+"""
+
+
+@pytest.mark.root
+def test_unprivileged_mount_keeps_the_numbers_too(
+    ordinary_user: pwd.struct_passwd, tmp_layers: TmpLayers
+) -> None:
+    """An ordinary user's mount (no open_by_handle_at, user.overlay.* xattrs): the same
+    numbers after a remount, a file renamed after its data was copied up included (its
+    origin is found again by the redirect left on it)."""
+    from tests.reliability.test_permissions import run_as, user_mount
+
+    if stat.S_IMODE(os.stat("/dev/fuse").st_mode) & 0o006 != 0o006:
+        pytest.skip("/dev/fuse is not usable by ordinary users (scripts/test makes it 0666)")
+    base = base_layer(tmp_layers)
+    shared = Path(tempfile.mkdtemp(prefix="unionfs-ino-", dir="/tmp"))
+    try:
+        os.chmod(shared, 0o755)
+        lower = shared / "lower"
+        shutil.copytree(base, lower, symlinks=True)
+        for directory in (shared / "mnt", shared / "upper", shared / "work"):
+            directory.mkdir()
+        subprocess.run(["chown", "-R", f"{ordinary_user.pw_uid}:{ordinary_user.pw_gid}",
+                        str(shared)], check=True)  # fmt: skip
+        seen = []
+        for action in ("change", "look"):
+            with user_mount(
+                ordinary_user, [lower], shared / "mnt", upper=shared / "upper",
+                workdir=shared / "work",
+            ):  # fmt: skip
+                child = run_as(ordinary_user, CHILD, str(shared / "mnt"), action)
+                seen.append(json.loads(child.stdout))
+        assert seen[1] == seen[0]
+        assert seen[0]["renamed"] == (lower / "mf").stat().st_ino
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
