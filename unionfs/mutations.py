@@ -157,7 +157,7 @@ class Mutations:
             raise FileExistsError(errno.EEXIST, "exists")
 
     def _adopt_new(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
-        found = self.tree.lookup(parent, name)
+        found = self.tree.lookup(parent, name, created=True)
         if found is None:
             raise FileNotFoundError(errno.ENOENT, "vanished")
         return found

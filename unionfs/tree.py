@@ -15,7 +15,7 @@ import stat
 from unionfs import safeio, whiteout
 from unionfs.index import HardLinkIndex
 from unionfs.inodes import InodeTable, Node, link_path, merged_path
-from unionfs.layer import Layer, OverlayXattrs
+from unionfs.layer import NO_OVERLAY_XATTRS, Layer, OverlayXattrs
 from unionfs.origin import Origins
 from unionfs.stack import Chain, Resolved, Source, Stack
 
@@ -84,13 +84,19 @@ class MergedTree:
         check_name_length(name)
         return self.stack.resolve(self.dir_sources(parent), name)
 
-    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
+    def lookup(
+        self, parent: Node, name: bytes, *, created: bool = False
+    ) -> tuple[Node, os.stat_result] | None:
+        """The node of ``name`` in ``parent``; ``created``: an object just made by us (it has
+        no overlay xattrs to read)."""
         resolved = self.resolve(parent, name)
         if resolved is None:
             return None
-        return self.adopt(parent, name, resolved)
+        return self.adopt(parent, name, resolved, created=created)
 
-    def adopt(self, parent: Node, name: bytes, resolved: Resolved) -> tuple[Node, os.stat_result]:
+    def adopt(
+        self, parent: Node, name: bytes, resolved: Resolved, *, created: bool = False
+    ) -> tuple[Node, os.stat_result]:
         """Find or make the node for a resolved name and record the link."""
         top = resolved.top
         st = top.layer.lstat(top.path)
@@ -103,7 +109,7 @@ class MergedTree:
         if node is None and not resolved.in_upper and self._may_be_indexed(st):
             node = self._adopt_indexed(top, st, key, lower)
         if node is None:
-            node = self._new_node(parent, name, resolved, st, key, lower)
+            node = self._new_node(parent, name, resolved, st, key, lower, created)
         if node.is_dir:
             node.lower = lower
             node.in_upper = resolved.in_upper
@@ -128,6 +134,7 @@ class MergedTree:
         st: os.stat_result,
         key: tuple[int, int],
         lower: list[Source],
+        created: bool = False,
     ) -> Node:
         """The node of an object seen for the first time (or again after being forgotten).
 
@@ -154,7 +161,7 @@ class MergedTree:
             if regular:
                 self._take_chain(node, self.stack.chain(resolved, name), top)
             return node
-        xattrs = top.layer.overlay_file_xattrs(top.path)
+        xattrs = NO_OVERLAY_XATTRS if created else top.layer.overlay_file_xattrs(top.path)
         chain: Chain | None = None
         if regular and st.st_size > 0 and xattrs.metacopy:
             chain = self.stack.chain(resolved, name, (True, xattrs.redirect))

@@ -215,10 +215,13 @@ def _root_operations(pool: list[RelPath]) -> st.SearchStrategy[Op]:
     fresh = paths(WRITE_NAMES, 3)
     path = st.one_of(st.sampled_from(pool), fresh) if pool else fresh
     data = st.sampled_from((b"W", b"hello\n", b"z" * 5000, b""))
+    # No empty write into an existing file: kernel overlayfs then copies a metadata-only
+    # file's data up in place and leaves the mtime at "now" (README, known differences).
+    written = st.sampled_from((b"W", b"hello\n", b"z" * 5000))
     return st.one_of(
-        st.builds(Op, st.just("write"), path, data=data,
+        st.builds(Op, st.just("write"), path, data=written,
                   offset=st.sampled_from((0, 1, 4096, 70_000))),
-        st.builds(Op, st.just("append"), path, data=data),
+        st.builds(Op, st.just("append"), path, data=written),
         st.builds(Op, st.sampled_from(("truncate", "truncate_path")), path,
                   offset=st.sampled_from((0, 1, 3, 10_000))),
         st.builds(Op, st.just("open_trunc"), path),
