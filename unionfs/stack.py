@@ -182,37 +182,75 @@ class Stack:
 
     # lookups --------------------------------------------------------------------------
     def resolve(self, parent_sources: Sequence[Source], name: bytes) -> Resolved | None:
-        """Look ``name`` up in the merged directory made of ``parent_sources``."""
+        """Look ``name`` up in the merged directory made of ``parent_sources``.
+
+        The common case (no redirect met) is walked here directly; a directory's redirect
+        hands the rest of the search to ``_resolve_redirected``."""
         if whiteout.is_hidden_name(name):
             return None
-        search = _Search((name,))
-        queue: Sequence[Source] = parent_sources
-        position = 0
         sources: list[Source] = []
         kind = 0
-        rooted = False
+        position = 0
+        count = len(parent_sources)
+        while position < count:
+            source = parent_sources[position]
+            position += 1
+            layer = source.layer
+            listing = layer.listing(source.path)
+            if listing is None:
+                continue
+            entry_kind = listing.entries.get(name)
+            if entry_kind is None:
+                if name in listing.whiteouts:
+                    break
+                continue
+            path = (*source.path, name)
+            if not sources:
+                kind = entry_kind
+                if kind != stat.S_IFDIR:
+                    sources.append(Source(layer, path))
+                    has_lower = not layer.writable or self.lower_positive(parent_sources, name)
+                    return Resolved(kind, sources, has_lower, parent_sources, position)
+            elif entry_kind != stat.S_IFDIR:
+                break  # a non-directory below a directory ends the stack
+            sources.append(Source(layer, path))
+            child = layer.listing(path)
+            if child is None or child.opaque or name in listing.whiteouts:
+                break  # (unreadable here: nothing below it can be known)
+            if child.redirect is not None:
+                search = _Search((name,), is_dir=True)
+                search.follow(child.redirect, 0)
+                self._resolve_redirected(parent_sources, position, layer, search, sources)
+                break
+        if not sources:
+            return None
+        has_lower = not sources[0].layer.writable or self.lower_positive(parent_sources, name)
+        return Resolved(kind, sources, has_lower)
+
+    def _resolve_redirected(
+        self,
+        queue: Sequence[Source],
+        position: int,
+        layer: Layer,
+        search: _Search,
+        sources: list[Source],
+    ) -> None:
+        """Go on merging a directory below ``layer`` after a redirect (relative: another name
+        in the parent's sources; absolute: a path from each lower layer's root)."""
+        if search.absolute:
+            queue = self._roots_below(layer.index)
+            position = 0
+        rooted = search.absolute
         while position < len(queue) and not search.stop:
             source = queue[position]
             position += 1
             found = self._find(source.layer, None if search.absolute else source.path, search)
             if found is not None:
-                entry, entry_kind = found
-                sources.append(entry)
-                if len(sources) == 1:
-                    kind = entry_kind
-                    if kind != stat.S_IFDIR:
-                        has_lower = not entry.layer.writable or self.lower_positive(
-                            parent_sources, name
-                        )
-                        return Resolved(kind, sources, has_lower, queue, position)
+                sources.append(found[0])
             if search.absolute and not rooted:
                 rooted = True
                 queue = self._roots_below(source.layer.index)
                 position = 0
-        if not sources:
-            return None
-        has_lower = not sources[0].layer.writable or self.lower_positive(parent_sources, name)
-        return Resolved(kind, sources, has_lower)
 
     @staticmethod
     def lower_positive(parent_sources: Sequence[Source], name: bytes) -> bool:
