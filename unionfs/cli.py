@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="DIR",
-        help="a lower layer (repeat): enables dangling checks",
+        help="a lower layer (repeat, base first): enables dangling checks",
     )
     check_parser.add_argument("upper", metavar="UPPER")
     return parser
