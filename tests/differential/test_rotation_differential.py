@@ -12,6 +12,7 @@ side's rotated stack (the SUT reading the kernel's uppers, and the reverse).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
@@ -97,6 +98,18 @@ def test_rotation(
     )
 
 
+#: No lower hard links and no ``link`` operations in the random rotations: a hard link changed
+#: through one of its names is copied up into the index, and only the names the change went
+#: through are linked into the upper; rotated into the lowers (the index stays behind) the
+#: other names show the old file, in kernel overlayfs and in unionfs alike. Which names those
+#: are differs: the kernel links up the name a chmod/chown/utime/setxattr went through, and a
+#: FUSE daemon is never told that name (SETATTR names an inode). README, known differences.
+#: The scripted rotations link and rotate hard links whose changes go through known names.
+ROTATING_STACKS = dataclasses.replace(
+    WRITE_STACKS, kinds=tuple(kind for kind in WRITE_STACKS.kinds if kind != "hardlink")
+)
+
+
 class RotatingMachine(DifferentialMachine):
     """The random-operation machine, plus a rule rotating both uppers into the lowers."""
 
@@ -108,7 +121,7 @@ class RotatingMachine(DifferentialMachine):
         self.live: contextlib.AbstractContextManager[Pair] | None = None
         self.steps_at_rotation = 0
 
-    @initialize(stack=stacks(WRITE_STACKS))
+    @initialize(stack=stacks(ROTATING_STACKS))
     def mount(self, stack: Stack) -> None:
         self.stack = stack
         self.base_context = self.workspace.example_dir()
@@ -131,7 +144,8 @@ class RotatingMachine(DifferentialMachine):
                       data=st.just(b"r")),
             st.builds(Op, st.sampled_from(("read", "stat")), path),
         )  # fmt: skip
-        return st.one_of(super().operations(), metadata)
+        every = super().operations().filter(lambda op: op.kind != "link")
+        return st.one_of(every, metadata)
 
     def _enter(self) -> None:
         assert self.generations is not None
