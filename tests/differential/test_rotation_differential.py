@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from tests.differential.backends import Backend
 from tests.differential.compare import compare_views
 from tests.differential.conftest import Workspace, examples
 from tests.differential.layers import (
+    MTIMES,
     Stack,
     all_prefixes,
     build_stack,
@@ -147,6 +149,36 @@ class RotatingMachine(DifferentialMachine):
         every = super().operations().filter(lambda op: op.kind != "link")
         return st.one_of(every, metadata)
 
+    @precondition(lambda self: self.pair is not None)
+    @rule(data=st.data())
+    def change_a_file(self, data: st.DataObject) -> None:
+        """A metadata-only change (or a rename) of a regular file holding data: the entries a
+        rotated upper carries into the lowers, which must still read their data."""
+        assert self.pair is not None
+        files = []
+        for path in sorted(self.pool):
+            try:
+                st_ = os.lstat(self.pair.kernel_mount.joinpath(*path))
+            except OSError:
+                continue
+            if stat.S_ISREG(st_.st_mode) and st_.st_size:
+                files.append(path)
+        if not files:
+            return
+        path = data.draw(st.sampled_from(files), label="file")
+        others = paths(WRITE_NAMES, 3)
+        target = st.just(path)
+        changes = st.one_of(
+            st.builds(Op, st.just("chmod"), target, mode=st.sampled_from((0o600, 0o640))),
+            st.builds(Op, st.just("rename"), target, other=others),
+            st.builds(Op, st.just("setxattr"), target, name=st.just("user.test.r"),
+                      data=st.just(b"r")),
+            st.builds(Op, st.just("utime"), target,
+                      times_ns=st.just((MTIMES[0] - 1, MTIMES[0] + 1))),
+        )  # fmt: skip
+        op = data.draw(changes, label="op")
+        self.apply(op)
+
     def _enter(self) -> None:
         assert self.generations is not None
         self.live = self.generations.live()
@@ -216,7 +248,7 @@ def test_random_rotations(
         machine,
         settings=settings(
             settings.get_profile("differential"),
-            max_examples=examples(4),
+            max_examples=examples(3),
             stateful_step_count=int(os.environ.get("UNIONFS_DIFF_STEPS", 24)),
         ),
     )

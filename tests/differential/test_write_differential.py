@@ -294,8 +294,11 @@ class DifferentialMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def step(self, data: st.DataObject) -> None:
+        self.apply(data.draw(self.operations(), label="op"))
+
+    def apply(self, op: Op) -> None:
+        """Apply ``op`` to both sides: errno compared, trees every few steps."""
         assert self.pair is not None
-        op = data.draw(self.operations(), label="op")
         kernel, got = self.pair.step(op)
         self.steps += 1
         if kernel.errno == 0:
