@@ -39,6 +39,12 @@ KERNEL_WRITABLE_OPTIONS = tuple(
 )
 
 
+#: Options of a read-only kernel mount: follow metadata-only copies and redirects (module
+#: defaults may say no), as over uppers rotated into the lowers (rotation.py). Generated stacks
+#: carry no overlay xattrs, so the read-only tests see no difference.
+KERNEL_READ_ONLY_OPTIONS = ("metacopy=on", "redirect_dir=follow")
+
+
 #: Extra `-o` options of every unionfs mount; UNIONFS_DIFF_UNIONFS_OPTIONS (comma list), e.g.
 #: "metacopy=off" with UNIONFS_DIFF_KERNEL_OPTIONS="redirect_dir=on,index=on": full copy-ups on
 #: both sides, so the round trips show the upper is portable to a kernel without metacopy.
@@ -67,7 +73,7 @@ class Backend:
             assert workdir is not None
             workdir.mkdir(parents=True, exist_ok=True)
         if self.name == "kernel":
-            options = KERNEL_WRITABLE_OPTIONS if upper is not None else ()
+            options = KERNEL_WRITABLE_OPTIONS if upper is not None else KERNEL_READ_ONLY_OPTIONS
             with contextlib.ExitStack() as stack:
                 # An upper dir stays "in use" (EBUSY) after umount(8) returns while any other
                 # mount namespace created meanwhile (podman, bwrap, unshare run by other tests or

@@ -20,17 +20,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.differential.backends import Backend
+from tests.differential.backends import ORACLE, Backend
 from tests.differential.compare import compare_views, view_of
 from tests.differential.layers import Stack
 from tests.differential.ops import Op
 from tests.differential.pair import Pair, lowers_unchanged, mounted_pair
-from tests.support.mounts import overlay_mounted
 from tests.support.tree import Fingerprint, lower_fingerprint
 
-#: Kernel overlayfs reading a rotated stack without an upper: it must follow metadata-only
-#: copies and redirects (module defaults may say no).
-KERNEL_READ_ONLY_OPTIONS = ("metacopy=on", "redirect_dir=follow")
 GENERATIONS = 3
 
 
@@ -74,8 +70,7 @@ class Generations:
         for owner, layers in (("kernel", self.kernel_layers), (self.sut.name, self.sut_layers)):
             directory = self.base / f"gen{self.count}-read-{owner}"
             kernel_mount, sut_mount = directory / "kernel", directory / "sut"
-            kernel_mount.mkdir(parents=True)
-            with overlay_mounted(layers, kernel_mount, options=KERNEL_READ_ONLY_OPTIONS) as mnt:
+            with ORACLE.mounted(layers, kernel_mount) as mnt:  # (follows metacopy, redirects)
                 kernel_view = view_of(mnt)
             with self.sut.mounted(layers, sut_mount) as mnt:
                 sut_view = view_of(mnt)
