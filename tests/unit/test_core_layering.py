@@ -9,9 +9,10 @@ from pathlib import Path
 import unionfs
 
 PACKAGE = Path(unionfs.__file__).parent
-FUSE_AWARE = {"operations", "mount", "attrs", "fuseconn"}
+FUSE_AWARE = {"operations", "mount", "attrs", "fuseconn", "fusefeatures"}
 # Lower modules never import higher ones (a module may import any module listed after it).
-ORDER = ["cli", "commands", "mount", "operations", "fuseconn", "introspection", "mutations",
+ORDER = ["cli", "commands", "mount", "operations", "fuseconn", "fusefeatures", "introspection",
+         "mutations",
          "copyup", "tree", "index", "inodes", "stack", "layer", "workdir", "safeio", "whiteout"]
 
 
