@@ -11,9 +11,9 @@ how the tests run the stock code paths against the patched library. Besides the 
 features it knows ``no_opendir``: answer OPENDIR with ENOSYS (the kernel then caches listings
 and sends no OPENDIR/RELEASEDIR); without it, opendir asks for ``cache_readdir``.
 
-The adapter (``adapt_for_stock``): unionfs's hot handlers are plain functions that answer at
-once and return a coroutine only for their slow path; stock pyfuse3 awaits every handler, so
-on stock each one is wrapped into a coroutine function, and ``readdir``/``fsyncdir`` get the
+On stock pyfuse3, unionfs's plain handlers (they answer at once and return a coroutine only
+for their slow path) become coroutine functions in ``operations.boundary``, since stock
+pyfuse3 awaits every handler; ``adapt_directory_handlers`` gives ``readdir``/``fsyncdir`` the
 stock argument lists (no directory inode: the handle's node is used).
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -85,24 +85,21 @@ def _as_coroutine_function(method: Callable[..., Any]) -> Callable[..., Any]:
     return handler
 
 
-def adapt_for_stock(operations: Any, sync_handlers: Iterable[str]) -> None:
-    """Make plain handlers awaitable and give readdir/fsyncdir the stock argument lists,
-    unless the installed pyfuse3 takes them as they are."""
-    if not has("sync_handlers"):
-        for name in sync_handlers:
-            setattr(operations, name, _as_coroutine_function(getattr(operations, name)))
-    if not has("dir_inode_arguments"):
-        readdir = operations.readdir
-        fsyncdir = operations.fsyncdir
-
-        def stock_readdir(fh: int, start_id: int, token: Any) -> Any:
-            return readdir(0, fh, start_id, token)
-
-        def stock_fsyncdir(fh: int, datasync: bool) -> Any:
-            return fsyncdir(0, fh, datasync)
-
-        operations.readdir = _as_coroutine_function(stock_readdir)
-        operations.fsyncdir = _as_coroutine_function(stock_fsyncdir)
-        operations.dir_inode_arguments = False
-    else:
+def adapt_directory_handlers(operations: Any) -> None:
+    """Give readdir/fsyncdir the stock argument lists (no directory inode: 0, the handle's
+    node is used) unless the installed pyfuse3 passes the inode."""
+    if has("dir_inode_arguments"):
         operations.dir_inode_arguments = True
+        return
+    readdir = operations.readdir
+    fsyncdir = operations.fsyncdir
+
+    def stock_readdir(fh: int, start_id: int, token: Any) -> Any:
+        return readdir(0, fh, start_id, token)
+
+    def stock_fsyncdir(fh: int, datasync: bool) -> Any:
+        return fsyncdir(0, fh, datasync)
+
+    operations.readdir = _as_coroutine_function(stock_readdir)
+    operations.fsyncdir = _as_coroutine_function(stock_fsyncdir)
+    operations.dir_inode_arguments = False

@@ -10,9 +10,9 @@ Handlers translate FUSE requests into calls on ``MergedTree`` (reads) and ``Muta
   only when ``self.lock`` is free and nothing needs copying up (then taking the lock would
   not have waited, and nothing in it awaits); otherwise it returns a coroutine that takes the
   lock and does the same work (its slow path). The patched pyfuse3's loop answers plain
-  handlers inline and runs only such coroutines as tasks; on stock pyfuse3
-  ``fusefeatures.adapt_for_stock`` makes every handler a coroutine function. Handlers that
-  always wait (fsync, link, unlink, rename) are ``async def`` (``@async_boundary``);
+  handlers inline and runs only such coroutines as tasks; on stock pyfuse3 ``boundary``
+  makes every handler a coroutine function. Handlers that always wait (fsync, link, unlink,
+  rename) are ``async def`` (``@async_boundary``);
 - only ``OSError`` and ``FUSEError`` leave the union code; the boundary decorators map them
   to an errno, log anything else and answer ``EIO`` — a handler can never end
   ``pyfuse3.main()`` and with it the mount. ``BaseException`` (trio cancellation) passes.
@@ -53,36 +53,6 @@ FALLOCATE_MODES = (
     safeio.FALLOC_FL_KEEP_SIZE | safeio.FALLOC_FL_PUNCH_HOLE | (safeio.FALLOC_FL_ZERO_RANGE)
 )
 
-# Handlers that are plain functions (the rest are ``async def``).
-SYNC_HANDLERS = (
-    "lookup",
-    "forget",
-    "getattr",
-    "readlink",
-    "access",
-    "statfs",
-    "getxattr",
-    "listxattr",
-    "setxattr",
-    "removexattr",
-    "open",
-    "read",
-    "write",
-    "flush",
-    "release",
-    "fallocate",
-    "lseek",
-    "opendir",
-    "readdir",
-    "releasedir",
-    "create",
-    "mkdir",
-    "mknod",
-    "symlink",
-    "rmdir",
-    "setattr",
-)
-
 
 def _fail(name: str, args: tuple[object, ...], error: Exception) -> NoReturn:
     """Raise the FUSEError that answers ``error``."""
@@ -110,7 +80,8 @@ async def _finish(name: str, args: tuple[object, ...], pending: Coroutine[Any, A
 
 def boundary(handler: Callable[P, Answer[R]]) -> Callable[P, Answer[R]]:
     """Turn every failure of a plain handler (or of the coroutine it returns) into an errno
-    reply."""
+    reply. On a pyfuse3 without plain handlers (stock) the wrapper is itself the coroutine
+    function pyfuse3 awaits (one coroutine per request, as for an ``async def`` handler)."""
 
     name = handler.__name__
 
@@ -126,7 +97,17 @@ def boundary(handler: Callable[P, Answer[R]]) -> Callable[P, Answer[R]]:
             log.debug("%s%s -> %s", name, _brief(args[1:]), _brief_result(result))
         return result
 
-    return wrapper
+    if fusefeatures.has("sync_handlers"):
+        return wrapper
+
+    @functools.wraps(handler)
+    async def stock_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        result = wrapper(*args, **kwargs)
+        if type(result) is types.CoroutineType:
+            return await cast(Coroutine[Any, Any, R], result)
+        return cast(R, result)
+
+    return cast(Callable[P, Answer[R]], stock_wrapper)
 
 
 def async_boundary(
@@ -214,7 +195,7 @@ class Operations(pyfuse3.Operations):
             "fileinfo_flags"
         )
         self.noflush = fusefeatures.has("fileinfo_flags")
-        fusefeatures.adapt_for_stock(self, SYNC_HANDLERS)
+        fusefeatures.adapt_directory_handlers(self)
 
     def init(self) -> None:
         """Called by pyfuse3 when the kernel's INIT request arrives."""
