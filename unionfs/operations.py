@@ -172,6 +172,7 @@ class Operations(pyfuse3.Operations):
         self.tree = tree
         self.config = config
         self.enable_writeback_cache = config.writeback  # read by pyfuse3 at INIT
+        self.enable_acl = config.posix_acl  # read by pyfuse3 at INIT
         self.timeout = config.timeout
         self.handles = HandleTable()
         self.listings = Listings()  # READDIR without OPENDIR (fusefeatures "no_opendir")

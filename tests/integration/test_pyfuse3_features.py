@@ -383,3 +383,56 @@ def test_the_daemon_reports_its_pyfuse3_build(
         text = log.read_text()
     assert fusefeatures.describe() in text
     assert shutil.which("fallocate") is not None  # util-linux: scripts/setup --test
+
+
+def _acl_denying(uid: int) -> bytes:
+    """A system.posix_acl_access value: owner rw, user ``uid`` nothing, group r, mask r,
+    others r (the kernel's binary format, version 2)."""
+    import struct
+
+    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 0, uid), (0x04, 4, 0xFFFFFFFF),
+               (0x10, 4, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("option", ["acl", "noacl"])
+def test_posix_acls_are_enforced_as_by_kernel_overlayfs(
+    tmp_layers: TmpLayers, shared_tmp: Path, ordinary_user: object, option: str,
+    require_overlay: None,
+) -> None:
+    """enable_acl (FUSE_POSIX_ACL, the default): an ACL entry denying a user is enforced, as
+    kernel overlayfs enforces it; with -o noacl only the mode bits count (world-readable)."""
+    import pwd
+
+    from tests.support import run_as
+    from tests.support.mounts import overlay_mounted
+
+    assert isinstance(ordinary_user, pwd.struct_passwd)
+    layers = tmp_layers({"secret": "s"})
+    (layers[0] / "secret").chmod(0o644)
+    os.setxattr(layers[0] / "secret", "system.posix_acl_access", _acl_denying(ordinary_user.pw_uid))
+    for layer in layers:
+        layer.chmod(0o755)
+    shared_tmp.chmod(0o755)
+    readable = {}
+    for system in ("overlay", "unionfs"):
+        mnt = shared_tmp / f"mnt-{system}"
+        mnt.mkdir()
+        upper, work = shared_tmp / f"up-{system}", shared_tmp / f"work-{system}"
+        if system == "overlay":
+            upper.mkdir()
+            work.mkdir()
+            context = overlay_mounted(layers, mnt, upper=upper, workdir=work)
+        else:
+            context = unionfs_mounted(
+                layers, mnt, upper=upper, workdir=work, options=[option, "allow_other"]
+            )
+        with context as mounted:
+            result = run_as(ordinary_user, ["cat", mounted / "secret"])
+            readable[system] = result.returncode == 0
+            assert os.getxattr(mounted / "secret", "system.posix_acl_access") == _acl_denying(
+                ordinary_user.pw_uid
+            )
+    assert readable["overlay"] is False
+    assert readable["unionfs"] is (option == "noacl")
