@@ -408,6 +408,7 @@ async def _tune_after_init(operations: Operations, real_mountpoint: str) -> None
     """The kernel sets the bdi's read-ahead from the INIT reply: raise it only after that."""
     await operations.initialized.wait()
     await trio.sleep(0.05)  # the INIT reply is written right after init() returns
+    operations.report_capabilities()
     raise_read_ahead(real_mountpoint)
 
 

@@ -206,6 +206,17 @@ class Operations(pyfuse3.Operations):
             fuseconn.adjust_capabilities(want=self.init_want, clear=self.init_clear)
         self.initialized.set()
 
+    def report_capabilities(self) -> None:
+        """Log what INIT negotiated (patched pyfuse3; the stock fallback logs in fuseconn)."""
+        if not fusefeatures.has("init_flags"):
+            return
+        capable, want = pyfuse3.connection_capabilities()
+        if capable & fusefeatures.FUSE_CAP_ATOMIC_O_TRUNC and not (
+            want & fusefeatures.FUSE_CAP_ATOMIC_O_TRUNC
+        ):
+            log.info("atomic O_TRUNC turned off: O_TRUNC arrives as SETATTR(size=0)")
+        log.info("INIT capabilities: offered %#x, asked for %#x", capable, want)
+
     # helpers -------------------------------------------------------------------------
     def _writer(self) -> Mutations:
         if self.mutations is None:

@@ -122,8 +122,9 @@ def test_every_known_option_is_in_the_readme() -> None:
              "reuse_volatile", "redirect_dir", "writeback", "metacopy", "index", "timeout",
              "whiteout", "xino", "nfs_export", "verity", "xattr_permissions", "plugins",
              "rootmode", "fsname", "noxattrs", "userxattr", "static_nlink", "nonempty", "acl",
-             "noacl", "debug", "allow_other", "allow_root", "auto_unmount", "ro", "rw", "suid", "nosuid",
-             "dev", "nodev", "exec", "noexec", "sync", "async", "atime", "noatime", "dirsync"]
+             "noacl", "debug", "allow_other", "allow_root", "auto_unmount", "ro", "rw", "suid",
+             "nosuid", "dev", "nodev", "exec", "noexec", "sync", "async", "atime", "noatime",
+             "dirsync"]
     missing = [name for name in known if f"`{name}" not in table]
     assert missing == []
 
