@@ -132,8 +132,8 @@ def adjust_capabilities(want: int, clear: int) -> bool:
     conn = matches[0]
     conn.want = (conn.want | (want & conn.capable)) & ~clear
     log.info(
-        "INIT capabilities adjusted (want %#x, refused %#x): atomic O_TRUNC off, O_TRUNC "
-        "arrives as SETATTR(size=0)",
+        "atomic O_TRUNC turned off: O_TRUNC arrives as SETATTR(size=0) (INIT want %#x, "
+        "refused %#x)",
         conn.want,
         clear,
     )
