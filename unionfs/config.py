@@ -48,6 +48,7 @@ class MountConfig:
     userxattr: bool = False  # write user.overlay.* even where trusted.overlay.* would work
     static_nlink: bool = False  # directories show st_nlink 1 (fuse-overlayfs static_nlink)
     xattrs: bool = True  # noxattrs=1: extended attributes are refused (ENOTSUP)
+    posix_acl: bool = True  # FUSE_POSIX_ACL: the kernel enforces and caches POSIX ACLs (noacl: off)
     nonempty: bool = False  # mounting over a non-empty directory is allowed
     fake: bool = False  # mount(8)'s -f: check everything, mount nothing
     warnings: list[str] = field(default_factory=list)  # printed by the CLI, one line each

@@ -1,4 +1,9 @@
-"""Turn off FUSE_CAP_ATOMIC_O_TRUNC, which pyfuse3 gives no way to refuse.
+"""INIT capabilities stock pyfuse3 gives no way to ask for or refuse (the patched pyfuse3 does
+it itself: ``Operations.init_want``/``init_clear``; this is the stock fallback).
+
+Refused: FUSE_CAP_ATOMIC_O_TRUNC. Asked for: FUSE_CAP_CACHE_SYMLINKS (the kernel keeps symlink
+targets in its page cache: one READLINK per link instead of one per resolution), which libfuse
+3.14 copies into its INIT reply when ``want`` has it.
 
 Why: libfuse 3 asks the kernel for atomic O_TRUNC by default. The kernel then truncates an
 existing file opened with O_TRUNC in two steps: the OPEN request (the daemon truncates, the
@@ -15,7 +20,8 @@ How: pyfuse3's INIT callback calls ``Operations.init()`` synchronously while lib
 pointer is a static of the pyfuse3 extension (found through its ELF symbol table); the
 ``fuse_conn_info`` inside it is found by content (its layout is public, its offset is not),
 and the bit is cleared only when exactly one candidate matches. Anything unexpected leaves
-the connection as it was and says so in the log.
+the connection as it was and says so in the log. A ``want`` bit the kernel does not offer is
+left out.
 """
 
 from __future__ import annotations
@@ -85,9 +91,11 @@ def _load_base(path: str) -> int | None:
     return base
 
 
-def refuse_atomic_o_trunc() -> bool:
-    """Clear FUSE_CAP_ATOMIC_O_TRUNC in the INIT reply being built. Call only from
-    ``Operations.init()``. Returns whether it was cleared."""
+def adjust_capabilities(want: int, clear: int) -> bool:
+    """Ask for the ``want`` bits (those the kernel offers) and clear the ``clear`` bits in the
+    INIT reply being built; FUSE_CAP_ATOMIC_O_TRUNC must be among ``clear`` (the record is
+    recognised by it). Call only from ``Operations.init()``. Returns whether it was done."""
+    assert clear & FUSE_CAP_ATOMIC_O_TRUNC
     path = pyfuse3.__file__
     try:
         offset = _symbol_offset(path, SESSION_SYMBOL)
@@ -121,6 +129,12 @@ def refuse_atomic_o_trunc() -> bool:
     if len(matches) != 1:
         log.warning("atomic O_TRUNC left on: %d candidate connection records", len(matches))
         return False
-    matches[0].want &= ~FUSE_CAP_ATOMIC_O_TRUNC
-    log.info("atomic O_TRUNC turned off: O_TRUNC arrives as SETATTR(size=0)")
+    conn = matches[0]
+    conn.want = (conn.want | (want & conn.capable)) & ~clear
+    log.info(
+        "atomic O_TRUNC turned off: O_TRUNC arrives as SETATTR(size=0) (INIT want %#x, "
+        "refused %#x)",
+        conn.want,
+        clear,
+    )
     return True

@@ -4,12 +4,23 @@ A file handle remembers the node's copy-up generation: when the node is copied u
 handle is open (by another writer), the next read reopens the upper copy, so a reader never
 keeps seeing stale lower data. A directory handle holds a snapshot of the merged listing,
 taken at opendir and again on rewind, so offsets stay stable while entries come and go.
+
+Without OPENDIR (the patched pyfuse3: the kernel opens directories itself, caches their
+listings and sends READDIR with the directory's inode and no handle) ``Listings`` keeps the
+snapshots instead: offset 0 takes a new one, and every offset handed out names its snapshot
+(``SNAPSHOT_BITS`` high bits: the snapshot's generation; low bits: the position), so a
+listing read in several requests, or by several readers at once, never skips or repeats an
+entry while others change the directory. Offsets stay below 2**31 (32-bit ``getdents`` and
+``telldir`` keep working). Snapshots are dropped when the reader asks past their last entry (the
+kernel has the listing by then) and are bounded in number (least recently used first);
+a READDIR naming a dropped snapshot is answered from a fresh one at the same position.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from unionfs.inodes import Node
@@ -80,3 +91,58 @@ class HandleTable:
         for number in list(self.files):
             self.release_file(number)
         self.dirs.clear()
+
+
+POSITION_BITS = 24  # up to 16,777,214 entries per directory listing
+SNAPSHOT_BITS = 7  # generations per directory, modulo 128
+POSITION_MASK = (1 << POSITION_BITS) - 1
+GENERATION_MASK = (1 << SNAPSHOT_BITS) - 1
+MAX_SNAPSHOTS = 64
+
+Entries = list[tuple[bytes, int]]
+
+
+class Listings:
+    """Listing snapshots of directories read without a handle, by (inode, generation)."""
+
+    def __init__(self, limit: int = MAX_SNAPSHOTS) -> None:
+        assert limit < GENERATION_MASK
+        self.limit = limit
+        self._snapshots: OrderedDict[tuple[int, int], Entries] = OrderedDict()
+        self._generation = 0  # one counter for all: a key comes back only after 127 others,
+        # long after the LRU (limit < 127) dropped its snapshot
+
+    def __len__(self) -> int:
+        return len(self._snapshots)
+
+    def start(self, inode: int, entries: Entries) -> int:
+        """Keep a new snapshot of ``inode``'s listing; returns its generation (1..127)."""
+        if len(entries) + 2 > POSITION_MASK:
+            raise OSError(75, "directory too large to list without a handle")  # EOVERFLOW
+        self._generation = self._generation % GENERATION_MASK + 1
+        key = (inode, self._generation)
+        self._snapshots.pop(key, None)
+        self._snapshots[key] = entries
+        while len(self._snapshots) > self.limit:
+            self._snapshots.popitem(last=False)
+        return self._generation
+
+    def get(self, inode: int, generation: int) -> Entries | None:
+        key = (inode, generation)
+        entries = self._snapshots.get(key)
+        if entries is not None:
+            self._snapshots.move_to_end(key)
+        return entries
+
+    def finish(self, inode: int, generation: int) -> None:
+        """The reader asked past the snapshot's last entry: drop it."""
+        self._snapshots.pop((inode, generation), None)
+
+    @staticmethod
+    def offset(generation: int, position: int) -> int:
+        return (generation << POSITION_BITS) | position
+
+    @staticmethod
+    def split(offset: int) -> tuple[int, int]:
+        """(generation, position) of an offset handed out by ``offset``."""
+        return (offset >> POSITION_BITS) & GENERATION_MASK, offset & POSITION_MASK

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from unionfs import options
+from unionfs import fusefeatures, options
 from unionfs.config import MountConfig
 from unionfs.detached import DetachedTrees
 from unionfs.index import HardLinkIndex
@@ -397,7 +397,10 @@ async def _serve(operations: Operations, real_mountpoint: str, shutdown: Shutdow
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, shutdown)
         nursery.start_soon(_tune_after_init, operations, real_mountpoint)
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        if fusefeatures.has("main_lean"):
+            await pyfuse3.main_lean(checkpoint_every=CHECKPOINT_EVERY)
+        else:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
 
@@ -405,6 +408,7 @@ async def _tune_after_init(operations: Operations, real_mountpoint: str) -> None
     """The kernel sets the bdi's read-ahead from the INIT reply: raise it only after that."""
     await operations.initialized.wait()
     await trio.sleep(0.05)  # the INIT reply is written right after init() returns
+    operations.report_capabilities()
     raise_read_ahead(real_mountpoint)
 
 
@@ -418,6 +422,9 @@ async def _stop_on_signals(shutdown: Shutdown) -> None:
 
 
 READ_AHEAD_KB = 1024
+# The patched pyfuse3's loop yields to trio every this many requests answered in a row, so
+# signals, timers and handlers waiting for threads (copy-up, fsync) go on under load.
+CHECKPOINT_EVERY = 64
 
 
 def mount_device(real: str) -> str | None:
@@ -454,7 +461,7 @@ def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> i
         raise MountError(EXIT_FUSE, f"cannot mount {config.mountpoint}: {error}") from None
     if callable(on_ready):
         on_ready()
-    log.info("mounted %s", config.mountpoint)
+    log.info("mounted %s with %s", config.mountpoint, fusefeatures.describe())
     shutdown = Shutdown()
     clean = False
     try:

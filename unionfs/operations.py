@@ -5,8 +5,16 @@ Handlers translate FUSE requests into calls on ``MergedTree`` (reads) and ``Muta
 - code between two ``await``s runs atomically on the trio thread; every handler that changes
   the namespace or copies up holds ``self.lock`` for its whole duration, so no file is ever
   copied up twice and no one sees a half-done rename;
-- only ``OSError`` and ``FUSEError`` leave the union code; the ``boundary`` decorator maps
-  them to an errno, logs anything else and answers ``EIO`` — a handler can never end
+- most handlers are plain functions (``@boundary``): they answer at once, without a task or
+  an ``await``, so each runs atomically. One that changes the namespace does its work at once
+  only when ``self.lock`` is free and nothing needs copying up (then taking the lock would
+  not have waited, and nothing in it awaits); otherwise it returns a coroutine that takes the
+  lock and does the same work (its slow path). The patched pyfuse3's loop answers plain
+  handlers inline and runs only such coroutines as tasks; on stock pyfuse3 ``boundary``
+  makes every handler a coroutine function. Handlers that always wait (fsync, link, unlink,
+  rename) are ``async def`` (``@async_boundary``);
+- only ``OSError`` and ``FUSEError`` leave the union code; the boundary decorators map them
+  to an errno, log anything else and answer ``EIO`` — a handler can never end
   ``pyfuse3.main()`` and with it the mount. ``BaseException`` (trio cancellation) passes.
 """
 
@@ -17,17 +25,18 @@ import functools
 import logging
 import os
 import stat
+import types
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from unionfs import fuseconn, introspection, safeio, whiteout
+from unionfs import fuseconn, fusefeatures, introspection, safeio, whiteout
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
 from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp
-from unionfs.handles import DirHandle, FileHandle, HandleTable
+from unionfs.handles import DirHandle, FileHandle, HandleTable, Listings
 from unionfs.idmap import IdMapper
 from unionfs.inodes import Node
 from unionfs.mutations import Mutations
@@ -38,35 +47,79 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+Answer: TypeAlias = R | Coroutine[Any, Any, R]  # a plain handler's answer, or its slow path
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+FALLOCATE_MODES = (
+    safeio.FALLOC_FL_KEEP_SIZE | safeio.FALLOC_FL_PUNCH_HOLE | (safeio.FALLOC_FL_ZERO_RANGE)
+)
 
 
-def boundary(
+def _fail(name: str, args: tuple[object, ...], error: Exception) -> NoReturn:
+    """Raise the FUSEError that answers ``error``."""
+    if isinstance(error, pyfuse3.FUSEError):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%s -> errno %s", name, _brief(args[1:]), error.errno)
+        raise error
+    if isinstance(error, OSError):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%s -> %s", name, _brief(args[1:]), error)
+        raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+    log.error("internal error in %s", name, exc_info=error)
+    raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+async def _finish(name: str, args: tuple[object, ...], pending: Coroutine[Any, Any, R]) -> R:
+    try:
+        result = await pending
+    except Exception as error:
+        _fail(name, args, error)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s%s -> %s", name, _brief(args[1:]), _brief_result(result))
+    return result
+
+
+def boundary(handler: Callable[P, Answer[R]]) -> Callable[P, Answer[R]]:
+    """Turn every failure of a plain handler (or of the coroutine it returns) into an errno
+    reply. On a pyfuse3 without plain handlers (stock) the wrapper is itself the coroutine
+    function pyfuse3 awaits (one coroutine per request, as for an ``async def`` handler)."""
+
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Answer[R]:
+        try:
+            result = handler(*args, **kwargs)
+        except Exception as error:
+            _fail(name, args, error)
+        if type(result) is types.CoroutineType:
+            return _finish(name, args, cast(Coroutine[Any, Any, R], result))
+        if log.isEnabledFor(logging.DEBUG):  # --debug: one line per request
+            log.debug("%s%s -> %s", name, _brief(args[1:]), _brief_result(result))
+        return result
+
+    if fusefeatures.has("sync_handlers"):
+        return wrapper
+
+    @functools.wraps(handler)
+    async def stock_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        result = wrapper(*args, **kwargs)
+        if type(result) is types.CoroutineType:
+            return await cast(Coroutine[Any, Any, R], result)
+        return cast(R, result)
+
+    return cast(Callable[P, Answer[R]], stock_wrapper)
+
+
+def async_boundary(
     handler: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn every failure of a handler into an errno reply."""
+    """``boundary`` for ``async def`` handlers."""
 
     name = handler.__name__
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        tracing = log.isEnabledFor(logging.DEBUG)  # --debug: one line per request
-        try:
-            result = await handler(*args, **kwargs)
-        except pyfuse3.FUSEError as error:
-            if tracing:
-                log.debug("%s%s -> errno %s", name, _brief(args[1:]), error.errno)
-            raise
-        except OSError as error:
-            if tracing:
-                log.debug("%s%s -> %s", name, _brief(args[1:]), error)
-            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", name)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        if tracing:
-            log.debug("%s%s -> %s", name, _brief(args[1:]), _brief_result(result))
-        return result
+        return await _finish(name, args, handler(*args, **kwargs))
 
     return wrapper
 
@@ -107,14 +160,22 @@ class Operations(pyfuse3.Operations):
     # upper files are opened O_RDWR without O_APPEND either way. Without it, O_APPEND is
     # the kernel's job too (it sends the end-of-file offset).
     enable_writeback_cache = True
+    # The kernel checks and caches POSIX ACLs itself (from the system.posix_acl_* xattrs we
+    # pass through): no GETXATTR of system.posix_acl_access before every `ls -l` line.
+    enable_acl = True
+    # Patched pyfuse3 (fusefeatures): INIT capabilities asked for and refused.
+    init_want = fusefeatures.FUSE_CAP_CACHE_SYMLINKS
+    init_clear = fusefeatures.FUSE_CAP_ATOMIC_O_TRUNC
 
     def __init__(self, tree: MergedTree, config: MountConfig, work: WorkDir | None) -> None:
         super().__init__()
         self.tree = tree
         self.config = config
         self.enable_writeback_cache = config.writeback  # read by pyfuse3 at INIT
+        self.enable_acl = config.posix_acl  # read by pyfuse3 at INIT
         self.timeout = config.timeout
         self.handles = HandleTable()
+        self.listings = Listings()  # READDIR without OPENDIR (fusefeatures "no_opendir")
         self.lock = trio.Lock()
         self.initialized = trio.Event()
         self.ids = IdMapper(config)
@@ -130,11 +191,31 @@ class Operations(pyfuse3.Operations):
                 oci_whiteouts=config.whiteout_format == "oci",
                 redirect_dir=config.redirect_dir,
             )
+        self.no_opendir = fusefeatures.has("no_opendir")
+        self.cache_readdir = fusefeatures.has("opendir_fileinfo") and fusefeatures.has(
+            "fileinfo_flags"
+        )
+        self.noflush = fusefeatures.has("fileinfo_flags")
+        fusefeatures.adapt_directory_handlers(self)
 
     def init(self) -> None:
         """Called by pyfuse3 when the kernel's INIT request arrives."""
-        fuseconn.refuse_atomic_o_trunc()
+        if fusefeatures.has("init_flags"):
+            pass  # init_want / init_clear are applied by pyfuse3 itself
+        else:
+            fuseconn.adjust_capabilities(want=self.init_want, clear=self.init_clear)
         self.initialized.set()
+
+    def report_capabilities(self) -> None:
+        """Log what INIT negotiated (patched pyfuse3; the stock fallback logs in fuseconn)."""
+        if not fusefeatures.has("init_flags"):
+            return
+        capable, want = pyfuse3.connection_capabilities()
+        if capable & fusefeatures.FUSE_CAP_ATOMIC_O_TRUNC and not (
+            want & fusefeatures.FUSE_CAP_ATOMIC_O_TRUNC
+        ):
+            log.info("atomic O_TRUNC turned off: O_TRUNC arrives as SETATTR(size=0)")
+        log.info("INIT capabilities: offered %#x, asked for %#x", capable, want)
 
     # helpers -------------------------------------------------------------------------
     def _writer(self) -> Mutations:
@@ -174,9 +255,40 @@ class Operations(pyfuse3.Operations):
     def _node(self, inode: int) -> Node:
         return self.tree.inodes[inode]
 
+    @staticmethod
+    def _ready(node: Node, data: str) -> bool:
+        """Whether ``prepare_change(node, data)`` has nothing to do (the node is in the upper
+        layer with its data): then a change needs no copy-up and no await."""
+        if not node.in_upper:
+            return False
+        return node.is_dir or not (node.metacopy and data != METADATA)
+
+    def _exclusive(self, work: Callable[[], R]) -> Answer[R]:
+        """``work()`` (which never awaits) under the namespace lock: now if the lock is free,
+        else once it is."""
+        if not self.lock.locked():
+            return work()
+        return self._after_lock(work)
+
+    async def _after_lock(self, work: Callable[[], R]) -> R:
+        async with self.lock:
+            return work()
+
+    def _changing(self, node: Node, data: str, work: Callable[[], R]) -> Answer[R]:
+        """``work()`` after ``prepare_change(node, data)``, under the namespace lock: now if
+        the lock is free and nothing needs copying up, else in a coroutine."""
+        if not self.lock.locked() and self._ready(node, data):
+            return work()
+        return self._change_after_lock(node, data, work)
+
+    async def _change_after_lock(self, node: Node, data: str, work: Callable[[], R]) -> R:
+        async with self.lock:
+            await self._writer().prepare_change(node, data)
+            return work()
+
     # lookups and attributes ----------------------------------------------------------
     @boundary
-    async def lookup(
+    def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
@@ -192,20 +304,20 @@ class Operations(pyfuse3.Operations):
         return self._entry(*found)
 
     @boundary
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self.tree.inodes.forget(inode, count)
 
     @boundary
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attributes(self._node(inode))
 
     @boundary
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+    def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return self.tree.readlink(self._node(inode))
 
     @boundary
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         """Only asked without default_permissions: classic owner/group/other bits."""
         shown = self._attributes(self._node(inode))
         file_mode, uid, gid = shown.st_mode, shown.st_uid, shown.st_gid
@@ -220,7 +332,7 @@ class Operations(pyfuse3.Operations):
         return (mode & bits) == mode
 
     @boundary
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         layer = self.tree.upper if self.tree.upper is not None else self.tree.stack.layers[0]
         info = os.statvfs(layer.root_fd)
         data = pyfuse3.StatvfsData()
@@ -240,7 +352,7 @@ class Operations(pyfuse3.Operations):
 
     # extended attributes -------------------------------------------------------------
     @boundary
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         attribute = os.fsdecode(name)
         if attribute.startswith(introspection.PREFIX):
             return introspection.answer(self, self._node(inode), attribute)
@@ -255,81 +367,106 @@ class Operations(pyfuse3.Operations):
         return value
 
     @boundary
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._xattrs_enabled()
         dir_fd, entry = self.tree.top_location(self._node(inode))
         shown = (whiteout.shown_xattr_name(stored) for stored in safeio.list_xattrs(dir_fd, entry))
         return [os.fsencode(name) for name in shown if name is not None]
 
     @boundary
-    async def setxattr(
+    def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
-    ) -> None:
+    ) -> Answer[None]:
         attribute = os.fsdecode(name)
         self._xattrs_enabled()
         writer = self._writer()
         stored = whiteout.stored_xattr_name(attribute)
         if stored is None or attribute.startswith(introspection.PREFIX):
             raise OSError(errno.EPERM, "private attribute")
-        async with self.lock:
-            node = self._node(inode)
-            await writer.prepare_change(node, METADATA)
+        node = self._node(inode)
+
+        def change() -> None:
             dir_fd, entry = writer.upper_location(node)
             safeio.set_xattr(dir_fd, entry, stored, value)
 
+        return self._changing(node, METADATA, change)
+
     @boundary
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Answer[None]:
         attribute = os.fsdecode(name)
         self._xattrs_enabled()
         writer = self._writer()
         stored = whiteout.stored_xattr_name(attribute)
         if stored is None:
             raise OSError(errno.ENODATA, "private attribute")
-        async with self.lock:
-            node = self._node(inode)
+        node = self._node(inode)
+
+        def exists() -> None:
             dir_fd, entry = self.tree.top_location(node)
             if safeio.get_xattr(dir_fd, entry, stored) is None:
                 raise OSError(errno.ENODATA, "no such attribute")
+
+        if not self.lock.locked() and self._ready(node, METADATA):
+            exists()
+            dir_fd, entry = writer.upper_location(node)
+            safeio.remove_xattr(dir_fd, entry, stored)
+            return None
+        return self._remove_xattr_after_lock(writer, node, stored, exists)
+
+    async def _remove_xattr_after_lock(
+        self, writer: Mutations, node: Node, stored: str, exists: Callable[[], None]
+    ) -> None:
+        async with self.lock:
+            exists()  # before copying up: a missing attribute changes nothing
             await writer.prepare_change(node, METADATA)
             dir_fd, entry = writer.upper_location(node)
             safeio.remove_xattr(dir_fd, entry, stored)
 
     # files ---------------------------------------------------------------------------
     @boundary
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Answer[pyfuse3.FileInfo]:
         node = self._node(inode)
         writable = bool(flags & WRITE_FLAGS) or bool(flags & os.O_TRUNC)
-        if writable:
-            writer = self._writer()
-            async with self.lock:
-                # O_TRUNC arrives here only if fuseconn could not turn atomic O_TRUNC off;
-                # normally the kernel strips it and sends SETATTR(size=0) after the open.
-                truncate = bool(flags & os.O_TRUNC)
-                await writer.prepare_change(node, EMPTY if truncate else FULL)
-                dir_fd, name = writer.upper_location(node)
-                assert name is not None
-                fd = safeio.open_file(dir_fd, name, os.O_RDWR | (flags & os.O_TRUNC))
-        else:
+        if not writable:
             fd = self.tree.open_for_read(node)
-        number = self.handles.add_file(FileHandle(node, fd, node.generation, writable))
-        return pyfuse3.FileInfo(fh=number, keep_cache=True)
+            number = self.handles.add_file(FileHandle(node, fd, node.generation, False))
+            # noflush: closing a read-only file needs no FLUSH round trip (a writable one
+            # keeps it: see flush()).
+            if self.noflush:
+                return pyfuse3.FileInfo(fh=number, keep_cache=True, noflush=True)
+            return pyfuse3.FileInfo(fh=number, keep_cache=True)
+        writer = self._writer()
+        # O_TRUNC arrives here only if atomic O_TRUNC could not be turned off; normally the
+        # kernel strips it and sends SETATTR(size=0) after the open.
+        truncate = bool(flags & os.O_TRUNC)
 
-    @boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self.handles.file(fh)
+        def open_upper() -> pyfuse3.FileInfo:
+            dir_fd, name = writer.upper_location(node)
+            assert name is not None
+            fd = safeio.open_file(dir_fd, name, os.O_RDWR | (flags & os.O_TRUNC))
+            number = self.handles.add_file(FileHandle(node, fd, node.generation, True))
+            return pyfuse3.FileInfo(fh=number, keep_cache=True)
+
+        return self._changing(node, EMPTY if truncate else FULL, open_upper)
+
+    def _current_fd(self, handle: FileHandle) -> int:
         if handle.generation != handle.node.generation and not handle.writable:
             self.handles.swap_fd(
                 handle, self.tree.open_for_read(handle.node), handle.node.generation
             )
-        return os.pread(handle.fd, size, off)
+        return handle.fd
 
     @boundary
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._current_fd(self.handles.file(fh)), size, off)
+
+    @boundary
+    def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles.file(fh)
         return os.pwrite(handle.fd, buf, off)
 
     @boundary
-    async def flush(self, fh: int) -> None:
+    def flush(self, fh: int) -> None:
         """Nothing to do, but answer (never ENOSYS): this round trip is what makes close() fail
         when the daemon has died. With the write-back cache the kernel writes a file's dirty
         pages back at close (or earlier, in its flusher); on a dead connection it drops them
@@ -337,13 +474,14 @@ class Operations(pyfuse3.Operations):
         connection only"), so close() returned 0 for data that never reached the upper. After
         one ENOSYS the kernel never sends FLUSH again (fc->no_flush); answered, FLUSH comes after
         the write-back and fails with ENOTCONN on a dead connection, so close() reports the loss
-        (test_regressions.py::test_close_reports_data_lost_when_the_daemon_dies)."""
+        (test_regressions.py::test_close_reports_data_lost_when_the_daemon_dies). Read-only
+        opens ask for no FLUSH at all (noflush, patched pyfuse3)."""
 
     @boundary
-    async def release(self, fh: int) -> None:
+    def release(self, fh: int) -> None:
         self.handles.release_file(fh)
 
-    @boundary
+    @async_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         if not self.config.fsync:
             return
@@ -351,21 +489,75 @@ class Operations(pyfuse3.Operations):
         sync = os.fdatasync if datasync else os.fsync
         await trio.to_thread.run_sync(sync, fd)
 
-    # directories ---------------------------------------------------------------------
     @boundary
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._node(inode)
-        return self.handles.add_dir(DirHandle(node, self.tree.list_dir(node)))
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """Patched pyfuse3 only (stock: the kernel answers EOPNOTSUPP). The handle is open for
+        writing (the kernel insists), so its file was copied up at open."""
+        if mode & ~FALLOCATE_MODES:
+            raise OSError(errno.EOPNOTSUPP, "fallocate mode not supported")
+        handle = self.handles.file(fh)
+        if not handle.writable:
+            raise OSError(errno.EBADF, "not open for writing")
+        safeio.fallocate(handle.fd, mode, offset, length)
 
     @boundary
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self.handles.dir(fh)
-        node = handle.node
-        if start_id == 0 and handle.started:
-            handle.entries = self.tree.list_dir(node)
-        handle.started = True
-        position = start_id
-        while position < len(handle.entries) + 2:
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE on the file's current data (patched pyfuse3 only; stock: the
+        kernel treats the whole file as data)."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE are asked")
+        return os.lseek(self._current_fd(self.handles.file(fh)), offset, whence)
+
+    # directories ---------------------------------------------------------------------
+    @boundary
+    def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
+        if self.no_opendir:
+            # The kernel then opens directories itself (no OPENDIR/RELEASEDIR again), caches
+            # listings (FOPEN_CACHE_DIR), and READDIR names the directory by inode.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        node = self._node(inode)
+        number = self.handles.add_dir(DirHandle(node, self.tree.list_dir(node)))
+        if self.cache_readdir:
+            return pyfuse3.FileInfo(fh=number, cache_readdir=True, keep_cache=True)
+        return number
+
+    @boundary
+    def readdir(self, inode: int, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """``inode`` 0 (stock pyfuse3) means: the handle's directory."""
+        handle = self.handles.dirs.get(fh) if fh else None
+        if handle is not None:
+            node = handle.node
+            if start_id == 0 and handle.started:
+                handle.entries = self.tree.list_dir(node)
+            handle.started = True
+            self._reply_entries(node, handle.entries, start_id, 0, token)
+            return
+        if not inode:
+            raise OSError(errno.EBADF, "bad directory handle")
+        node = self._node(inode)
+        generation, position = Listings.split(start_id)
+        entries = self.listings.get(inode, generation) if start_id else None
+        if entries is None:  # a new listing (or one whose snapshot was dropped)
+            entries = self.tree.list_dir(node)
+            generation = self.listings.start(inode, entries)
+        if position >= len(entries) + 2:
+            # The end-of-listing request (an empty answer): the reader is done with it. Not
+            # earlier: after the last entries the kernel still asks once more from there.
+            self.listings.finish(inode, generation)
+            return
+        self._reply_entries(node, entries, position, generation, token)
+
+    def _reply_entries(
+        self,
+        node: Node,
+        entries: list[tuple[bytes, int]],
+        position: int,
+        generation: int,
+        token: pyfuse3.ReaddirToken,
+    ) -> None:
+        """Answer entries from ``position`` on until the reply is full. Offsets name the
+        snapshot's ``generation`` (0 for a handle's)."""
+        while position < len(entries) + 2:
             if position < 2:
                 if position == 0:
                     name, target = b".", node
@@ -373,10 +565,12 @@ class Operations(pyfuse3.Operations):
                     link = node.primary_link()
                     name, target = b"..", (link[0] if link else self.tree.root)
                 attributes = self._attributes(target)
-                if not pyfuse3.readdir_reply(token, name, attributes, position + 1):
+                if not pyfuse3.readdir_reply(
+                    token, name, attributes, Listings.offset(generation, position + 1)
+                ):
                     return
             else:
-                name, _kind = handle.entries[position - 2]
+                name, _kind = entries[position - 2]
                 try:
                     found = self.tree.lookup(node, name)
                 except OSError:
@@ -384,20 +578,23 @@ class Operations(pyfuse3.Operations):
                 if found is not None:
                     child, st = found
                     attributes = self._attributes(child, st)
-                    if not pyfuse3.readdir_reply(token, name, attributes, position + 1):
+                    if not pyfuse3.readdir_reply(
+                        token, name, attributes, Listings.offset(generation, position + 1)
+                    ):
                         return
                     child.lookups += 1
             position += 1
 
     @boundary
-    async def releasedir(self, fh: int) -> None:
+    def releasedir(self, fh: int) -> None:
         self.handles.release_dir(fh)
 
-    @boundary
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+    @async_boundary
+    async def fsyncdir(self, inode: int, fh: int, datasync: bool) -> None:
+        """``inode`` 0 (stock pyfuse3) means: the handle's directory."""
         if self.tree.upper is None or not self.config.fsync:
             return
-        node = self.handles.dir(fh).node
+        node = self._node(inode) if inode else self.handles.dir(fh).node
         if not node.in_upper:
             return
         fd = (
@@ -409,43 +606,50 @@ class Operations(pyfuse3.Operations):
 
     # namespace changes ---------------------------------------------------------------
     @boundary
-    async def create(
+    def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
-    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    ) -> Answer[tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]]:
         writer = self._writer()
-        async with self.lock:
-            node, st, fd = writer.create(self._node(parent_inode), name, mode, *self._owner(ctx))
-        number = self.handles.add_file(FileHandle(node, fd, node.generation, True))
-        return pyfuse3.FileInfo(fh=number, keep_cache=True), self._entry(node, st)
+        owner = self._owner(ctx)
+
+        def make() -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+            node, st, fd = writer.create(self._node(parent_inode), name, mode, *owner)
+            number = self.handles.add_file(FileHandle(node, fd, node.generation, True))
+            return pyfuse3.FileInfo(fh=number, keep_cache=True), self._entry(node, st)
+
+        return self._exclusive(make)
 
     @boundary
-    async def mkdir(
+    def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    ) -> Answer[pyfuse3.EntryAttributes]:
         writer = self._writer()
-        async with self.lock:
-            node, st = writer.mkdir(self._node(parent_inode), name, mode, *self._owner(ctx))
-        return self._entry(node, st)
+        owner = self._owner(ctx)
+        return self._exclusive(
+            lambda: self._entry(*writer.mkdir(self._node(parent_inode), name, mode, *owner))
+        )
 
     @boundary
-    async def mknod(
+    def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    ) -> Answer[pyfuse3.EntryAttributes]:
         writer = self._writer()
-        async with self.lock:
-            node, st = writer.mknod(self._node(parent_inode), name, mode, rdev, *self._owner(ctx))
-        return self._entry(node, st)
+        owner = self._owner(ctx)
+        return self._exclusive(
+            lambda: self._entry(*writer.mknod(self._node(parent_inode), name, mode, rdev, *owner))
+        )
 
     @boundary
-    async def symlink(
+    def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    ) -> Answer[pyfuse3.EntryAttributes]:
         writer = self._writer()
-        async with self.lock:
-            node, st = writer.symlink(self._node(parent_inode), name, target, *self._owner(ctx))
-        return self._entry(node, st)
+        owner = self._owner(ctx)
+        return self._exclusive(
+            lambda: self._entry(*writer.symlink(self._node(parent_inode), name, target, *owner))
+        )
 
-    @boundary
+    @async_boundary
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -454,19 +658,22 @@ class Operations(pyfuse3.Operations):
             node, st = await writer.link(self._node(inode), self._node(new_parent_inode), new_name)
         return self._entry(node, st)
 
-    @boundary
+    @async_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         writer = self._writer()
         async with self.lock:
             await writer.unlink(self._node(parent_inode), name)
 
     @boundary
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Answer[None]:
         writer = self._writer()
-        async with self.lock:
+
+        def remove() -> None:
             writer.rmdir(self._node(parent_inode), name)
 
-    @boundary
+        return self._exclusive(remove)
+
+    @async_boundary
     async def rename(
         self,
         parent_inode_old: int,
@@ -487,41 +694,70 @@ class Operations(pyfuse3.Operations):
             )
 
     @boundary
-    async def setattr(
+    def setattr(
         self,
         inode: int,
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
         fh: int | None,
         ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
+    ) -> Answer[pyfuse3.EntryAttributes]:
         writer = self._writer()
+        if self.lock.locked():
+            return self._setattr_after_lock(writer, inode, attr, fields, fh)
+        node = self._node(inode)
+        if self._detached(node):
+            return self._setattr_detached(node, attr, fields, fh)
+        if not self._ready(node, self._setattr_data(attr, fields)):
+            return self._setattr_after_lock(writer, inode, attr, fields, fh)
+        dir_fd, name = writer.upper_location(node)
+        self._apply_setattr(node, dir_fd, name, attr, fields, fh)
+        return self._attributes(node)
+
+    async def _setattr_after_lock(
+        self,
+        writer: Mutations,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+    ) -> pyfuse3.EntryAttributes:
         async with self.lock:
             node = self._node(inode)
-            if not node.in_upper and not node.lower and node.open_fds:
-                # Unlinked while open (the kernel sets times at close): change the open
-                # file itself (test_xattrs_of_an_unlinked_open_file). Only through a handle
-                # open for writing: that fd is an upper file, never a lower one.
-                fd = self._detached_upper_fd(node)
-                if fd is not None:
-                    self._apply_setattr(node, fd, None, attr, fields, fh)
-                elif (
-                    fields.update_size
-                    or fields.update_mode
-                    or fields.update_uid
-                    or fields.update_gid
-                ):
-                    raise OSError(errno.ENOENT, "deleted, and only open for reading")
-                # else: times the kernel flushes at close of a deleted lower file: nothing to do
-                return self._attributes(node)
-            if fields.update_size:
-                data = EMPTY if attr.st_size == 0 else FULL
-            else:
-                data = METADATA
-            await writer.prepare_change(node, data)
+            if self._detached(node):
+                return self._setattr_detached(node, attr, fields, fh)
+            await writer.prepare_change(node, self._setattr_data(attr, fields))
             dir_fd, name = writer.upper_location(node)
             self._apply_setattr(node, dir_fd, name, attr, fields, fh)
             return self._attributes(node)
+
+    @staticmethod
+    def _setattr_data(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> str:
+        if fields.update_size:
+            return EMPTY if attr.st_size == 0 else FULL
+        return METADATA
+
+    @staticmethod
+    def _detached(node: Node) -> bool:
+        return not node.in_upper and not node.lower and bool(node.open_fds)
+
+    def _setattr_detached(
+        self,
+        node: Node,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+    ) -> pyfuse3.EntryAttributes:
+        """Unlinked while open (the kernel sets times at close): change the open file itself
+        (test_xattrs_of_an_unlinked_open_file). Only through a handle open for writing: that
+        fd is an upper file, never a lower one."""
+        fd = self._detached_upper_fd(node)
+        if fd is not None:
+            self._apply_setattr(node, fd, None, attr, fields, fh)
+        elif fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid:
+            raise OSError(errno.ENOENT, "deleted, and only open for reading")
+        # else: times the kernel flushes at close of a deleted lower file: nothing to do
+        return self._attributes(node)
 
     def _detached_upper_fd(self, node: Node) -> int | None:
         """An fd of an unlinked-but-open file that is safe to change: a writable handle's

@@ -86,8 +86,6 @@ NO_EFFECT: dict[str, str] = {
     "layers",
     "default_permissions": "always on: the kernel checks permissions against the owners and "
     "modes the mount shows",
-    "noacl": "POSIX ACLs are never enforced by this mount (no FUSE_POSIX_ACL): ACL xattrs are "
-    "stored and copied up, the kernel checks mode bits",
     "mand": "mandatory locks are gone from Linux (5.15)",
     "nomand": "mandatory locks are gone from Linux (5.15)",
     "iversion": "FUSE keeps no i_version",
@@ -386,8 +384,12 @@ def _set_nonempty(config: MountConfig) -> None:
     config.nonempty = True
 
 
-def _warn_acl(config: MountConfig) -> None:
-    _warn_once(config, "acl: POSIX ACLs are stored and copied up but not enforced (mode bits are)")
+def _set_acl(config: MountConfig) -> None:
+    config.posix_acl = True
+
+
+def _set_noacl(config: MountConfig) -> None:
+    config.posix_acl = False
 
 
 _FLAG_OPTIONS = {
@@ -398,7 +400,8 @@ _FLAG_OPTIONS = {
     "userxattr": _set_userxattr,
     "static_nlink": _set_static_nlink,
     "nonempty": _set_nonempty,
-    "acl": _warn_acl,
+    "acl": _set_acl,
+    "noacl": _set_noacl,
 }
 
 

@@ -40,6 +40,12 @@ _name_to_handle_at.argtypes = [
     ctypes.c_int,
 ]
 _name_to_handle_at.restype = ctypes.c_int
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 MAX_HANDLE_SZ = 128
 FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})
 
@@ -337,3 +343,10 @@ def add_oci_opaque_marker(dir_fd: int, name: bytes, marker: bytes) -> None:
         os.close(open_file(child_fd, marker, os.O_CREAT | os.O_WRONLY, 0o600))
     finally:
         os.close(child_fd)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) on an open (upper) file."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))

@@ -63,6 +63,7 @@ def test_fuse_overlayfs_vocabulary_is_accepted() -> None:
     assert config.squash_to_root and config.squashing
     assert config.fsync is False and config.redirect_dir is False and config.timeout == 5.0
     assert config.volatile and config.static_nlink and config.userxattr and not config.xattrs
+    assert config.posix_acl is False  # noacl: the kernel checks mode bits only
     assert config.metacopy is False  # redirect_dir=off turns metacopy off, as in the kernel
     assert config.writeback is False and config.index is False and config.debug
     assert config.fuse_options == ["allow_other"]
@@ -107,9 +108,10 @@ def test_lowerdir_plus_adds_layers_top_first() -> None:
         config_of("lowerdir=/a", "lowerdir+=/b")
 
 
-def test_acl_and_xino_off_warn_once() -> None:
-    config = config_of("acl", "acl", "xino=off")
-    assert len(config.warnings) == 2
+def test_xino_off_warns_once_and_acl_is_the_default() -> None:
+    config = config_of("acl", "acl", "xino=off", "xino=off")
+    assert len(config.warnings) == 1
+    assert config.posix_acl and config_of().posix_acl
 
 
 def test_every_known_option_is_in_the_readme() -> None:
@@ -120,8 +122,9 @@ def test_every_known_option_is_in_the_readme() -> None:
              "reuse_volatile", "redirect_dir", "writeback", "metacopy", "index", "timeout",
              "whiteout", "xino", "nfs_export", "verity", "xattr_permissions", "plugins",
              "rootmode", "fsname", "noxattrs", "userxattr", "static_nlink", "nonempty", "acl",
-             "debug", "allow_other", "allow_root", "auto_unmount", "ro", "rw", "suid", "nosuid",
-             "dev", "nodev", "exec", "noexec", "sync", "async", "atime", "noatime", "dirsync"]
+             "noacl", "debug", "allow_other", "allow_root", "auto_unmount", "ro", "rw", "suid",
+             "nosuid", "dev", "nodev", "exec", "noexec", "sync", "async", "atime", "noatime",
+             "dirsync"]
     missing = [name for name in known if f"`{name}" not in table]
     assert missing == []
 
