@@ -412,8 +412,14 @@ async def _tune_after_init(operations: Operations, real_mountpoint: str) -> None
     raise_read_ahead(real_mountpoint)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def _stop_on_signals(shutdown: Shutdown) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        # Blocked since before the mount went live (serve): one that came meanwhile is
+        # delivered now, to this receiver, instead of killing a daemon with a live mount.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
             shutdown.signalled = True
@@ -455,6 +461,9 @@ def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> i
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     real_mountpoint = os.path.realpath(config.mountpoint)  # resolved before it is our mount
+    # From the moment the mount is live until the request loop listens for them, a stop signal
+    # would take the default action (death) and leave a dead mount behind: hold them back.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pyfuse3.init(operations, config.mountpoint, set(fuse_options(config)))
     except RuntimeError as error:

@@ -93,6 +93,34 @@ def test_umount_subcommand_unmounts_and_the_daemon_exits(tmp_path: Path, mountpo
         assert not any(Path(f"/proc/{p}").exists() for p in pids), "daemon still runs after umount"
 
 
+def test_a_signal_the_moment_the_mount_goes_live_still_unmounts_cleanly(
+    tmp_path: Path, mountpoint: Path
+) -> None:
+    """Found by CI: SIGTERM in the moment between the mount going live and the request loop
+    listening for signals took the default action: the daemon died, the mount stayed dead."""
+    for attempt in range(5):
+        log = tmp_path / f"daemon-{attempt}.log"
+        argv = [sys.executable, "-m", "unionfs", "mount", "-f", "--log", str(log)]
+        argv += [*map(str, EXAMPLE_LAYERS), str(mountpoint)]
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(mountpoint) and process.poll() is None:
+                assert time.monotonic() < deadline, "foreground mount not live within 30 s"
+            process.send_signal(signal.SIGTERM)  # no pause: as early as the mount is seen
+            process.communicate(timeout=15)
+            assert process.returncode == 0, f"attempt {attempt}: exit {process.returncode}"
+            assert not is_mounted(mountpoint), f"attempt {attempt}: the mount was left behind"
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            if is_mounted(mountpoint):
+                subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_foreground_mount_unmounts_cleanly_on_signal(
     tmp_path: Path, mountpoint: Path, sig: signal.Signals
