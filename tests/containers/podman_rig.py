@@ -151,6 +151,9 @@ class PodmanRig:
             'runtime = "runc"\n'
             'cgroup_manager = "cgroupfs"\n'
             'events_logger = "file"\n'
+            # Rootful podman's default is the machine-wide /run/libpod: two rigs (two test runs)
+            # would share its "alive" file and lock, and one's cleanup breaks the other's.
+            f'tmp_dir = "{r}/libpod-tmp"\n'
         )
         wrapper = r / "mount-program"
         if self.program == "fuse-overlayfs":
