@@ -17,6 +17,7 @@ from unionfs.copyup import CopyUp
 from unionfs.handles import HandleTable
 from unionfs.inodes import Node
 from unionfs.mutations import Mutations
+from unionfs.quota import Quota
 from unionfs.tree import MergedTree
 
 
@@ -28,11 +29,15 @@ class Operations(Protocol):
     mutations: Mutations | None
     tree: MergedTree
     handles: HandleTable
+    quota: Quota | None
 
 
 PREFIX = "user.unionfs."
 STATUS = PREFIX + "status"
 ORIGIN = PREFIX + "origin"
+# getxattr of this name on an entry of the mount drops every cached view of it (and below
+# it) after its lower layers changed: ``unionfs refresh`` (see operations.refresh_caches)
+REFRESH = PREFIX + "refresh"
 
 
 def status_document(operations: Operations) -> dict[str, Any]:
@@ -52,6 +57,7 @@ def status_document(operations: Operations) -> dict[str, Any]:
         "whiteouts": mutations.whiteouts_made if mutations else 0,
         "nodes": len(operations.tree.inodes.nodes),
         "open_files": len(operations.handles.files),
+        "quota": operations.quota.document() if operations.quota is not None else None,
     }
 
 
