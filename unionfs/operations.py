@@ -221,6 +221,12 @@ class Operations(pyfuse3.Operations):
                 # kernel writes the page back (close() answers EIO, the page cache keeps data
                 # the upper never got): with a quota write(2) itself answers EDQUOT.
                 self.enable_writeback_cache = False
+            elif self.quota is not None and config.writeback:
+                log.warning(
+                    "quota with writeback=1: a write past the limit fails at write-back "
+                    "(fsync answers EDQUOT, close EIO) and the kernel may show data the upper "
+                    "never got"
+                )
         self.refresher = refresh.Refresher(tree)
         self.no_opendir = fusefeatures.has("no_opendir")
         self.cache_readdir = fusefeatures.has("opendir_fileinfo") and fusefeatures.has(
@@ -458,8 +464,13 @@ class Operations(pyfuse3.Operations):
 
     async def follow_lower_changes(self, watcher: Watcher) -> None:
         """``-o watch``: watch every lower directory, then refresh what the events name."""
-        lowers = self.refresher.lowers
-        for layer in lowers:
+        try:
+            await self._follow(watcher)
+        finally:
+            watcher.close()
+
+    async def _follow(self, watcher: Watcher) -> None:
+        for layer in self.refresher.lowers:
             await trio.to_thread.run_sync(watcher.watch_tree, layer)
         log.info("watch: %d lower directories watched", len(watcher.watched))
         while True:

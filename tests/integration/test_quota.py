@@ -84,6 +84,27 @@ def test_writes_fail_with_edquot_at_the_limit(tmp_layers: TmpLayers, tmp_path: P
         assert status(mnt)["used_bytes"] == upper_usage(upper)[0]
 
 
+def test_with_the_write_back_cache_fsync_reports_edquot(tmp_layers: TmpLayers, tmp_path: Path,
+                                                       mountpoint: Path) -> None:  # fmt: skip
+    """-o writeback=1 with a quota: write(2) lands in the page cache; the refused write-back
+    shows at fsync as EDQUOT (and at close as EIO: the kernel keeps no other errno there)."""
+    (layer,) = tmp_layers({"keep": "k"})
+    upper, work = tmp_path / "up", tmp_path / "work"
+    log = tmp_path / "wb.log"
+    with unionfs_mounted([layer], mountpoint, upper=upper, workdir=work, log=log,
+                         options=["quota=256K", "writeback=1"]) as mnt:  # fmt: skip
+        assert "quota with writeback=1" in log.read_text()
+        fd = os.open(mnt / "g", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            assert os.write(fd, b"a" * (300 * KIB)) == 300 * KIB  # cached, not written yet
+            with pytest.raises(OSError) as refused:
+                os.fsync(fd)
+            assert refused.value.errno == errno.EDQUOT
+        finally:
+            os.close(fd)
+        assert status(mnt)["used_bytes"] == upper_usage(upper)[0] <= 256 * KIB
+
+
 def test_copy_up_past_the_limit_leaves_nothing(tmp_layers: TmpLayers, tmp_path: Path,
                                                mountpoint: Path) -> None:  # fmt: skip
     (layer,) = tmp_layers({"big": "x" * (300 * KIB), "small": "s", "d/deep": "y" * (300 * KIB)})
