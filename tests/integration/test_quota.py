@@ -74,6 +74,24 @@ def test_writes_fail_with_edquot_at_the_limit(tmp_layers: TmpLayers, tmp_path: P
             appended.write(b"c" * (100 * KIB))
         assert refused.value.errno == errno.EDQUOT
         assert (mnt / "py").read_bytes() == b"a" * (200 * KIB)
+        # a write(2) bigger than one FUSE request (the kernel splits it) fails whole when its
+        # first request does not fit, else ends short at the last request that fitted, as on
+        # a local filesystem at its quota: either way what it reports is what landed
+        (mnt / "py").unlink()
+        data = bytes(range(256)) * 4096  # 1 MiB
+        fd = os.open(mnt / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+        written = 0
+        try:
+            with pytest.raises(OSError) as refused:
+                for _ in range(64):  # each write lands whole or short, until one is refused
+                    written += os.write(fd, data[written:])
+            assert refused.value.errno == errno.EDQUOT
+        finally:
+            os.close(fd)
+        assert written <= 256 * KIB
+        assert (mnt / "big").read_bytes() == data[:written]
+        (mnt / "big").unlink()
+        (mnt / "py").write_bytes(b"a" * (200 * KIB))
         # df shows the quota as the filesystem
         info = os.statvfs(mnt)
         assert info.f_blocks * info.f_frsize == 256 * KIB
