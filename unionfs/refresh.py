@@ -73,10 +73,11 @@ class Refresher:
     # one name ------------------------------------------------------------------------
     @staticmethod
     def _old_stats(nodes: list[Node]) -> dict[int, os.stat_result | None]:
-        """What the caches say of lower non-directories, before they are dropped."""
+        """What the caches say of nodes whose top object is in a lower layer, before the
+        caches are dropped."""
         old: dict[int, os.stat_result | None] = {}
         for node in nodes:
-            if not node.is_dir and not node.in_upper and node.lower:
+            if not node.in_upper and node.lower:
                 top = node.lower[0]
                 old[node.ino] = top.layer.cached_stat(top.path)
         return old
@@ -96,20 +97,28 @@ class Refresher:
             resolved = self.tree.resolve(parent, name)
         except OSError:
             resolved = None
-        if known is None or resolved is None:
-            out.append((parent.ino, name))  # a new name (negative dentry) or a gone one
+        if known is None:
+            out.append((parent.ino, name))  # a new name (negative dentry), or nothing
             return
-        top = resolved.top
-        try:
-            st = top.layer.lstat(top.path)
-        except OSError:
-            out.append((parent.ino, name))
-            return
+        st = None
+        if resolved is not None:
+            try:
+                st = resolved.top.layer.lstat(resolved.top.path)
+            except OSError:
+                st = None
         if (
-            resolved.kind != known.kind
+            resolved is None
+            or st is None
+            or resolved.kind != known.kind
             or self.tree.inodes.keys.get((st.st_dev, st.st_ino)) != known.ino
         ):
-            out.append((parent.ino, name))  # another object now: a new lookup finds it
+            # Gone, or another object now: a new lookup finds it. The old object's inode
+            # number may be reused by the layer's filesystem for a new file anywhere: it
+            # must no longer lead to this node.
+            before = old.get(known.ino)
+            if before is not None:
+                self.tree.inodes.drop_key((before.st_dev, before.st_ino), known)
+            out.append((parent.ino, name))
             return
         if known.is_dir:
             lower = [source for source in resolved.sources if not source.layer.writable]
