@@ -154,6 +154,7 @@ async def run_in_thread(function: Callable[[], int]) -> int:
 
 
 COPY_LIMITER = trio.CapacityLimiter(2)
+WATCH_BATCH_SECONDS = 0.01
 
 
 def invalidate(out: list[refresh.Invalidation]) -> None:
@@ -475,6 +476,8 @@ class Operations(pyfuse3.Operations):
         log.info("watch: %d lower directories watched", len(watcher.watched))
         while True:
             await trio.lowlevel.wait_readable(watcher.fd)
+            # a burst of changes (an archive unpacked into a layer) becomes one refresh
+            await trio.sleep(WATCH_BATCH_SECONDS)
             async with self.lock:
                 changes = watcher.read()
                 if changes.overflow:

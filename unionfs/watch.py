@@ -27,7 +27,6 @@ from unionfs.safeio import RelPath
 
 log = logging.getLogger(__name__)
 
-IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_FROM = 0x00000040
@@ -43,9 +42,10 @@ IN_EXCL_UNLINK = 0x04000000
 IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
+# No IN_MODIFY: one event per write(2) would cost a refresh each; a file rewritten in place
+# shows once its writer closes it (IN_CLOSE_WRITE).
 MASK = (
-    IN_MODIFY
-    | IN_ATTRIB
+    IN_ATTRIB
     | IN_CLOSE_WRITE
     | IN_MOVED_FROM
     | IN_MOVED_TO
