@@ -353,6 +353,23 @@ class Operations(pyfuse3.Operations):
         finally:
             quota.settle(before, quota.snapshot(self._upper_stats(paths)))
 
+    def _counted_xattr(self, dir_fd: int, entry: bytes | None, change: Callable[[], None]) -> None:
+        """An xattr change of an upper object: the block it may take (or free) is charged
+        (never refused: at most one block per inode on common filesystems)."""
+        if self.quota is None:
+            change()
+            return
+
+        def blocks() -> int:
+            st = os.fstat(dir_fd) if entry is None else safeio.lstat(dir_fd, entry)
+            return int(st.st_blocks)
+
+        before = blocks()
+        try:
+            change()
+        finally:
+            self.quota.add((blocks() - before) * 512)
+
     def _exclusive(self, work: Callable[[], R]) -> Answer[R]:
         """``work()`` (which never awaits) under the namespace lock: now if the lock is free,
         else once it is."""
@@ -529,7 +546,9 @@ class Operations(pyfuse3.Operations):
 
         def change() -> None:
             dir_fd, entry = writer.upper_location(node)
-            safeio.set_xattr(dir_fd, entry, stored, value)
+            self._counted_xattr(
+                dir_fd, entry, lambda: safeio.set_xattr(dir_fd, entry, stored, value)
+            )
 
         return self._changing(node, METADATA, change)
 
@@ -551,7 +570,7 @@ class Operations(pyfuse3.Operations):
         if not self.lock.locked() and self._ready(node, METADATA):
             exists()
             dir_fd, entry = writer.upper_location(node)
-            safeio.remove_xattr(dir_fd, entry, stored)
+            self._counted_xattr(dir_fd, entry, lambda: safeio.remove_xattr(dir_fd, entry, stored))
             return None
         return self._remove_xattr_after_lock(writer, node, stored, exists)
 
@@ -562,7 +581,7 @@ class Operations(pyfuse3.Operations):
             exists()  # before copying up: a missing attribute changes nothing
             await writer.prepare_change(node, METADATA)
             dir_fd, entry = writer.upper_location(node)
-            safeio.remove_xattr(dir_fd, entry, stored)
+            self._counted_xattr(dir_fd, entry, lambda: safeio.remove_xattr(dir_fd, entry, stored))
 
     # files ---------------------------------------------------------------------------
     @boundary

@@ -183,7 +183,8 @@ class Quota:
         self.base_fd = base_fd  # the workdir (for the record); owned by this object
         self.refused = 0  # requests answered EDQUOT
         self.block = 4096  # what a new directory (or long symlink) may take: st_blksize
-        self.fresh: set[int] = set()  # inodes copy-ups charged during this namespace change
+        # inodes copy-ups charged during this namespace change -> the bytes charged for them
+        self.fresh: dict[int, int] = {}
 
     @classmethod
     def open(
@@ -288,10 +289,17 @@ class Quota:
         return self.snapshot(upper_lstat)
 
     def settle(self, before: dict[int, os.stat_result], after: dict[int, os.stat_result]) -> None:
-        """Charge what appeared at the names and credit what went with its last name."""
+        """Charge what appeared at the names, credit what went with its last name, and charge
+        what an object that stayed (or was copied up meanwhile) grew or shrank by (an xattr
+        such as a redirect may take a block of its own)."""
         for ino, st in after.items():
-            if ino not in before and ino not in self.fresh:
-                self.add(st.st_blocks * 512, 1)
+            now = st.st_blocks * 512
+            if ino in self.fresh:
+                self.add(now - self.fresh[ino])
+            elif ino in before:
+                self.add(now - before[ino].st_blocks * 512)
+            else:
+                self.add(now, 1)
         for ino, st in before.items():
             if ino not in after and (st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode)):
                 self.add(-st.st_blocks * 512, -1)
@@ -301,7 +309,7 @@ class Quota:
         st = safeio.try_lstat(dir_fd, name)
         if st is not None:
             self.add(st.st_blocks * 512, 1)
-            self.fresh.add(st.st_ino)
+            self.fresh[st.st_ino] = st.st_blocks * 512
 
     def document(self) -> dict[str, int | None]:
         return {**self.record(), "refused": self.refused}

@@ -222,3 +222,55 @@ def test_quota_without_an_upper_is_refused(tmp_layers: TmpLayers, mountpoint: Pa
     bad = unionfs("mount", "--upper", str(mountpoint.parent / "u"), "-o", "quota=much",
                   str(layer), str(mountpoint))  # fmt: skip
     assert bad.returncode == 2 and "quota" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("seed", [1515, 7, 2026])
+def test_usage_stays_exact_under_random_changes(tmp_layers: TmpLayers, tmp_path: Path,
+                                                mountpoint: Path, seed: int) -> None:  # fmt: skip
+    """A seeded random mix of creates, writes, truncates, copy-ups, links, renames and removals
+    (within the limits): the daemon's usage equals a walk of the upper after every step."""
+    import random
+
+    lower = {f"l{index}": "x" * (index * 3000) for index in range(8)}
+    lower |= {"ld/a": "a" * 5000, "ld/b": "b"}
+    (layer,) = tmp_layers(lower)
+    upper, work = tmp_path / "up", tmp_path / "work"
+    chooser = random.Random(seed)
+    with unionfs_mounted([layer], mountpoint, upper=upper, workdir=work,
+                         options=["quota=64M,quota_inodes=100000"]) as mnt:  # fmt: skip
+        for step in range(200):
+            files = [p for p in mnt.rglob("*") if p.is_file() and not p.is_symlink()]
+            dirs = [mnt, *(p for p in mnt.rglob("*") if p.is_dir() and not p.is_symlink())]
+            action = chooser.choice(["create", "write", "truncate", "unlink", "mkdir", "rmdir",
+                                     "rename", "link", "symlink", "chmod",
+                                     "xattr"])  # fmt: skip
+            target = chooser.choice(dirs) / f"n{step}"
+            try:
+                if action == "create":
+                    target.write_bytes(os.urandom(chooser.randrange(0, 20000)))
+                elif action == "write" and files:
+                    with open(chooser.choice(files), "r+b") as changed:
+                        changed.seek(chooser.randrange(0, 30000))
+                        changed.write(os.urandom(chooser.randrange(1, 9000)))
+                elif action == "truncate" and files:
+                    os.truncate(chooser.choice(files), chooser.randrange(0, 40000))
+                elif action == "unlink" and files:
+                    chooser.choice(files).unlink()
+                elif action == "mkdir":
+                    target.mkdir()
+                elif action == "rmdir" and len(dirs) > 1:
+                    chooser.choice(dirs[1:]).rmdir()
+                elif action == "rename" and files:
+                    chooser.choice(files).rename(target)
+                elif action == "link" and files:
+                    os.link(chooser.choice(files), target)
+                elif action == "symlink":
+                    os.symlink("t" * chooser.choice([5, 100]), target)
+                elif action == "chmod" and files:
+                    os.chmod(chooser.choice(files), 0o640)
+                elif action == "xattr" and files:  # big enough for a block of its own
+                    os.setxattr(chooser.choice(files), "user.big", os.urandom(3000))
+            except OSError as error:
+                assert error.errno in (errno.ENOTEMPTY, errno.ENOENT), (action, error)
+            used = status(mnt)
+            assert (used["used_bytes"], used["used_inodes"]) == upper_usage(upper), (step, action)
