@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ def _quota_line(quota: dict[str, Any]) -> str:
 def refresh(mountpoint: str, path: str) -> int:
     """Ask the daemon of ``mountpoint`` to drop every cached view of ``path`` (relative to
     the mount point; default: everything). A path that does not show (yet) refreshes its
-    deepest ancestor that does: a name new in a lower layer appears."""
+    deepest ancestor that does: a name new in a lower layer appears (a symlink, device or
+    fifo: its directory)."""
     real = os.path.realpath(mountpoint)
     if real not in mounted_paths():
         raise CommandError(EXIT_MOUNTPOINT, f"{mountpoint} is not mounted")
@@ -121,10 +123,12 @@ def refresh(mountpoint: str, path: str) -> int:
     target = real
     for part in parts:
         candidate = os.path.join(target, part)
-        if not os.path.lexists(candidate) or os.path.islink(candidate):
-            if os.path.islink(candidate):
-                target = candidate
+        try:
+            mode = os.lstat(candidate).st_mode
+        except OSError:
             break
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            break  # the kernel answers user.* xattrs of symlinks and devices itself: the parent
         target = candidate
     try:
         answer = os.getxattr(target, introspection.REFRESH, follow_symlinks=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import DIR, TmpLayers, run_as, write_layer
+from tests.support import DIR, Symlink, TmpLayers, run_as, write_layer
 from tests.support.mounts import unionfs_mounted
 
 WAIT = 20.0  # seconds a watch test waits for a change to show before it fails
@@ -92,7 +92,7 @@ def test_refresh_shows_added_removed_and_rewritten_files(tmp_layers: TmpLayers,
 
 def test_refresh_of_one_path_and_of_a_name_not_shown_yet(tmp_layers: TmpLayers,
                                                          mountpoint: Path) -> None:  # fmt: skip
-    (base,) = tmp_layers({"a/b/c": "c", "x": "x"})
+    (base,) = tmp_layers({"a/b/c": "c", "x": "x", "a/link": Symlink("c")})
     with unionfs_mounted([base], mountpoint) as mnt:
         assert (mnt / "a/b/c").read_text() == "c" and (mnt / "x").read_text() == "x"
         assert not (mnt / "a/b/new").exists()
@@ -104,6 +104,12 @@ def test_refresh_of_one_path_and_of_a_name_not_shown_yet(tmp_layers: TmpLayers,
         assert (mnt / "x").read_text() == "x"  # outside the refreshed path: still cached
         assert refresh(mnt, "x").startswith("refreshed /x:")
         assert (mnt / "x").read_text() == "x2"
+        assert os.readlink(mnt / "a/link") == "c"
+        (base / "a/link").unlink()
+        (base / "a/link").symlink_to("b/c")
+        # the kernel answers user.* xattrs of a symlink itself: its directory is refreshed
+        assert refresh(mnt, "a/link").startswith("refreshed /a:")
+        assert os.readlink(mnt / "a/link") == "b/c"
 
 
 def test_copied_up_files_and_whiteouts_do_not_change(tmp_layers: TmpLayers, tmp_path: Path,
