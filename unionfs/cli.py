@@ -144,8 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         "refresh",
         help="make a live mount see what changed in its lower layers at PATH (default: all)",
     )
-    refresh_parser.add_argument("mountpoint", metavar="MOUNTPOINT")
-    refresh_parser.add_argument("path", nargs="?", default="", metavar="PATH")
+    refresh_parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="a live unionfs mount")
+    refresh_parser.add_argument(
+        "path",
+        nargs="?",
+        default="",
+        metavar="PATH",
+        help="relative to MOUNTPOINT: a file, or a directory and everything below it "
+        "(default: the whole mount); one not shown yet refreshes its deepest shown ancestor",
+    )
     import_parser = commands.add_parser(
         "import", help="unpack an OCI layout or docker/podman save tarball into layer dirs"
     )
