@@ -86,6 +86,17 @@ def status(mountpoint: str | None) -> int:
         quota = document.get("quota")
         if quota:
             print(f"  quota:   {_quota_line(quota)}")
+        if document.get("watched") is not None:
+            limited = " (inotify limit reached: the rest needs refresh)"
+            print(
+                f"  watch:   {document['watched']} lower directories"
+                f"{limited if document.get('watch_limited') else ''}"
+            )
+        if document.get("refreshes"):
+            print(
+                f"  refreshes {document['refreshes']}, "
+                f"kernel invalidations {document['invalidations']}"
+            )
         print(
             f"  copy-ups {document['copy_ups']}, bytes copied {document['bytes_copied']}, "
             f"whiteouts {document['whiteouts']}, open files {document['open_files']}"

@@ -18,7 +18,9 @@ from unionfs.handles import HandleTable
 from unionfs.inodes import Node
 from unionfs.mutations import Mutations
 from unionfs.quota import Quota
+from unionfs.refresh import Refresher
 from unionfs.tree import MergedTree
+from unionfs.watch import Watcher
 
 
 class Operations(Protocol):
@@ -30,6 +32,8 @@ class Operations(Protocol):
     tree: MergedTree
     handles: HandleTable
     quota: Quota | None
+    refresher: Refresher
+    watcher: Watcher | None
 
 
 PREFIX = "user.unionfs."
@@ -58,6 +62,10 @@ def status_document(operations: Operations) -> dict[str, Any]:
         "nodes": len(operations.tree.inodes.nodes),
         "open_files": len(operations.handles.files),
         "quota": operations.quota.document() if operations.quota is not None else None,
+        "refreshes": operations.refresher.refreshes,
+        "invalidations": operations.refresher.invalidations,
+        "watched": len(operations.watcher.watched) if operations.watcher is not None else None,
+        "watch_limited": operations.watcher.limited if operations.watcher is not None else False,
     }
 
 

@@ -229,6 +229,7 @@ class Operations(pyfuse3.Operations):
                     "never got"
                 )
         self.refresher = refresh.Refresher(tree)
+        self.watcher: Watcher | None = None  # -o watch, once it follows the lower layers
         self.no_opendir = fusefeatures.has("no_opendir")
         self.cache_readdir = fusefeatures.has("opendir_fileinfo") and fusefeatures.has(
             "fileinfo_flags"
@@ -488,6 +489,7 @@ class Operations(pyfuse3.Operations):
             watcher.close()
 
     async def _follow(self, watcher: Watcher) -> None:
+        self.watcher = watcher
         for layer in self.refresher.lowers:
             await trio.to_thread.run_sync(watcher.watch_tree, layer)
         log.info("watch: %d lower directories watched", len(watcher.watched))

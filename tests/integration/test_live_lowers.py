@@ -196,3 +196,6 @@ def test_watch_follows_lower_changes(tmp_layers: TmpLayers, tmp_path: Path,
             assert (mnt / "mine").read_text() == "m+"
         finally:
             held.close()
+        shown = unionfs("status", str(mnt))
+        assert shown.returncode == 0 and "lower directories" in shown.stdout, shown.stderr
+        assert "refreshes" in shown.stdout

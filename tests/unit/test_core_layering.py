@@ -11,8 +11,8 @@ import unionfs
 PACKAGE = Path(unionfs.__file__).parent
 FUSE_AWARE = {"operations", "mount", "attrs", "fuseconn", "fusefeatures"}
 # Lower modules never import higher ones (a module may import any module listed after it).
-ORDER = ["cli", "commands", "mount", "operations", "fuseconn", "fusefeatures", "watch",
-         "refresh", "introspection", "mutations", "copyup", "tree", "index", "origin", "inodes",
+ORDER = ["cli", "commands", "mount", "operations", "fuseconn", "fusefeatures", "introspection",
+         "watch", "refresh", "mutations", "copyup", "tree", "index", "origin", "inodes",
          "stack", "layer", "workdir", "quota", "safeio", "whiteout"]
 
 
