@@ -199,3 +199,45 @@ def test_watch_follows_lower_changes(tmp_layers: TmpLayers, tmp_path: Path,
         shown = unionfs("status", str(mnt))
         assert shown.returncode == 0 and "lower directories" in shown.stdout, shown.stderr
         assert "refreshes" in shown.stdout
+
+
+def test_refresh_under_concurrent_changes_completes(tmp_layers: TmpLayers, tmp_path: Path,
+                                                    mountpoint: Path) -> None:  # fmt: skip
+    """Refreshes while another thread creates, lists, stats and removes names in the same
+    directories: the kernel invalidations (made from a worker thread) never wait on a request
+    the daemon cannot answer, so every refresh returns (the mount watchdog fails a hang)."""
+    import threading
+
+    (base,) = tmp_layers({f"d/f{index}": str(index) for index in range(50)})
+    upper, work = tmp_path / "up", tmp_path / "work"
+    with unionfs_mounted([base], mountpoint, upper=upper, workdir=work) as mnt:
+        stop = threading.Event()
+        failures: list[BaseException] = []
+
+        def busy() -> None:
+            step = 0
+            try:
+                while not stop.is_set():
+                    step += 1
+                    name = mnt / "d" / f"new{step % 7}"
+                    name.write_text(str(step))
+                    os.listdir(mnt / "d")
+                    (mnt / "d" / f"f{step % 50}").stat()
+                    name.unlink()
+            except BaseException as error:  # reported below
+                failures.append(error)
+
+        worker = threading.Thread(target=busy)
+        worker.start()
+        try:
+            for round_number in range(40):
+                (base / "d" / f"lower{round_number}").write_text("l")
+                answer = os.getxattr(mnt if round_number % 2 else mnt / "d",
+                                     "user.unionfs.refresh")  # fmt: skip
+                assert b"invalidated" in answer
+        finally:
+            stop.set()
+            worker.join(timeout=60)
+        assert not worker.is_alive() and not failures, failures
+        assert (mnt / "d" / "lower39").read_text() == "l"
+        assert len([name for name in os.listdir(mnt / "d") if name.startswith("lower")]) == 40
