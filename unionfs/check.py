@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unionfs import safeio, whiteout
+from unionfs import quota, safeio, whiteout
 from unionfs.layer import Layer
 from unionfs.safeio import RelPath
 from unionfs.stack import Stack
@@ -128,6 +128,46 @@ class _Checker:
             self.report.repaired.append(found)
         else:
             self.report.left.append(found)
+
+    # quota record ------------------------------------------------------------------
+    def check_quota(self, workdir: Path, root_fd: int) -> None:
+        """The usage in the quota record (``unionfs.quota``) must be what the upper holds:
+        a mount that ended without writing it (killed) leaves a stale one."""
+        try:
+            base_fd = safeio.open_root(str(workdir))
+        except OSError:
+            return
+        try:
+            record = quota.read_record(base_fd)
+            if record is None:
+                return
+            usage = quota.walk_usage(root_fd)
+            if record == {} or record.get("used_bytes") is None:
+                detail = "the quota record is damaged (its limits are lost)"
+
+                def drop() -> None:
+                    quota.remove_record(base_fd)
+
+                self.problem("quota-record", "unionfs-quota", detail, drop)
+                return
+            if (record.get("used_bytes"), record.get("used_inodes")) == (
+                usage.bytes,
+                usage.inodes,
+            ):
+                return
+            detail = (
+                f"quota record says {record.get('used_bytes')} bytes and "
+                f"{record.get('used_inodes')} inodes used; the upper holds {usage.bytes} "
+                f"bytes and {usage.inodes} inodes"
+            )
+            fixed = {**record, "used_bytes": usage.bytes, "used_inodes": usage.inodes}
+
+            def rewrite() -> None:
+                quota.write_record(base_fd, fixed)
+
+            self.problem("quota-record", "unionfs-quota", detail, rewrite)
+        finally:
+            os.close(base_fd)
 
     # work area and index -------------------------------------------------------------
     def check_work(self, workdir: Path) -> None:
@@ -475,6 +515,8 @@ def check_upper(
             if error.errno != errno.EMFILE:
                 raise
             report.left.append(Problem("incomplete", "/", "too deep to walk: out of fds", False))
+        if workdir is not None:
+            checker.check_quota(Path(workdir), root_fd)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         os.close(root_fd)

@@ -37,6 +37,7 @@ SUBCOMMANDS = (
     "unmount",
     "status",
     "which",
+    "refresh",
     "import",
     "diff",
     "run",
@@ -139,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     status_parser.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
     which_parser = commands.add_parser("which", help="say which layer a path comes from")
     which_parser.add_argument("path", metavar="MOUNTPOINT/PATH")
+    refresh_parser = commands.add_parser(
+        "refresh",
+        help="make a live mount see what changed in its lower layers at PATH (default: all)",
+    )
+    refresh_parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="a live unionfs mount")
+    refresh_parser.add_argument(
+        "path",
+        nargs="?",
+        default="",
+        metavar="PATH",
+        help="relative to MOUNTPOINT: a file, or a directory and everything below it "
+        "(default: the whole mount); one not shown yet refreshes its deepest shown ancestor",
+    )
     import_parser = commands.add_parser(
         "import", help="unpack an OCI layout or docker/podman save tarball into layer dirs"
     )
@@ -354,6 +368,8 @@ def dispatch(action: str, args: argparse.Namespace) -> int:
         return commands.status(args.mountpoint)
     if action == "which":
         return commands.which(args.path)
+    if action == "refresh":
+        return commands.refresh(args.mountpoint, args.path)
     if action == "import":
         return commands.import_image(args.image, args.dest)
     if action == "diff":

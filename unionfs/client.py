@@ -37,7 +37,17 @@ except ImportError:  # pragma: no cover - every Linux CPython has it
     _socket = None  # type: ignore[assignment]
 
 PROTOCOL = "unionfs-mount-server-1"
-SUBCOMMANDS = ("umount", "unmount", "status", "which", "import", "diff", "run", "check")
+SUBCOMMANDS = (
+    "umount",
+    "unmount",
+    "status",
+    "which",
+    "refresh",
+    "import",
+    "diff",
+    "run",
+    "check",
+)
 OFF = ("0", "off", "no", "false")
 
 EXIT_FAILURE = 1

@@ -1,4 +1,4 @@
-"""The non-mount subcommands: status, which, import, diff, run.
+"""The non-mount subcommands: status, which, refresh, import, diff, run.
 
 Each returns an exit status or raises ``CommandError`` (one line for the user, an exit code);
 ``cli`` does the parsing and the printing of errors.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,72 @@ def status(mountpoint: str | None) -> int:
             print(f"  upper:   {upper}  ({_tree_size(upper) // 1024} KiB)")
         else:
             print("  upper:   none (read-only)")
+        quota = document.get("quota")
+        if quota:
+            print(f"  quota:   {_quota_line(quota)}")
+        if document.get("watched") is not None:
+            limited = " (inotify limit reached: the rest needs refresh)"
+            print(
+                f"  watch:   {document['watched']} lower directories"
+                f"{limited if document.get('watch_limited') else ''}"
+            )
+        if document.get("refreshes"):
+            print(
+                f"  refreshes {document['refreshes']}, "
+                f"kernel invalidations {document['invalidations']}"
+            )
         print(
             f"  copy-ups {document['copy_ups']}, bytes copied {document['bytes_copied']}, "
             f"whiteouts {document['whiteouts']}, open files {document['open_files']}"
         )
+    return 0
+
+
+def _quota_line(quota: dict[str, Any]) -> str:
+    parts = []
+    if quota.get("limit_bytes") is not None:
+        used, limit = quota["used_bytes"], quota["limit_bytes"]
+        parts.append(f"{used} of {limit} bytes ({100 * used // max(limit, 1)}%)")
+    else:
+        parts.append(f"{quota['used_bytes']} bytes (no limit)")
+    if quota.get("limit_inodes") is not None:
+        parts.append(f"{quota['used_inodes']} of {quota['limit_inodes']} inodes")
+    else:
+        parts.append(f"{quota['used_inodes']} inodes (no limit)")
+    if quota.get("refused"):
+        parts.append(f"{quota['refused']} refused")
+    return ", ".join(parts)
+
+
+def refresh(mountpoint: str, path: str) -> int:
+    """Ask the daemon of ``mountpoint`` to drop every cached view of ``path`` (relative to
+    the mount point; default: everything). A path that does not show (yet) refreshes its
+    deepest ancestor that does: a name new in a lower layer appears (a symlink, device or
+    fifo: its directory)."""
+    real = os.path.realpath(mountpoint)
+    if real not in mounted_paths():
+        raise CommandError(EXIT_MOUNTPOINT, f"{mountpoint} is not mounted")
+    parts = [part for part in path.split("/") if part and part != "."]
+    if ".." in parts:
+        raise CommandError(EXIT_FAILURE, f"{path}: '..' is not allowed (a path in the mount)")
+    target = real
+    for part in parts:
+        candidate = os.path.join(target, part)
+        try:
+            mode = os.lstat(candidate).st_mode
+        except OSError:
+            break
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            break  # the kernel answers user.* xattrs of symlinks and devices itself: the parent
+        target = candidate
+    try:
+        answer = os.getxattr(target, introspection.REFRESH, follow_symlinks=False)
+    except OSError as error:
+        raise CommandError(
+            EXIT_MOUNTPOINT, f"cannot refresh {target}: {error.strerror} (a live unionfs mount?)"
+        ) from None
+    shown = os.path.relpath(target, real)
+    print(f"refreshed /{'' if shown == '.' else shown}: {answer.decode(errors='replace')}")
     return 0
 
 

@@ -50,6 +50,12 @@ class MountConfig:
     xattrs: bool = True  # noxattrs=1: extended attributes are refused (ENOTSUP)
     posix_acl: bool = True  # FUSE_POSIX_ACL: the kernel enforces and caches POSIX ACLs (noacl: off)
     nonempty: bool = False  # mounting over a non-empty directory is allowed
+    # -o quota=SIZE / quota_inodes=N (unionfs.quota); quota=none forgets a recorded limit
+    quota_bytes: int | None = None
+    quota_inodes: int | None = None
+    quota_remove: bool = False
+    writeback_given: bool = False  # writeback= was given (a quota turns the default off)
+    watch: bool = False  # -o watch: follow changes of the lower layers (unionfs.watch)
     fake: bool = False  # mount(8)'s -f: check everything, mount nothing
     warnings: list[str] = field(default_factory=list)  # printed by the CLI, one line each
     notes: list[str] = field(default_factory=list)  # options accepted with no effect (--debug)

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from unionfs import safeio, whiteout
 from unionfs.inodes import Node, merged_path
 from unionfs.layer import Layer
+from unionfs.quota import Quota
 from unionfs.stack import Source
 from unionfs.tree import MergedTree
 from unionfs.workdir import WorkDir
@@ -79,6 +80,7 @@ class CopyUp:
         self.run_in_thread = run_in_thread
         self.copies = 0
         self.bytes_copied = 0
+        self.quota: Quota | None = None  # -o quota: a copy-up that cannot fit is refused first
 
     def ensure_dir(self, node: Node) -> None:
         """Make sure directory ``node`` and all its ancestors exist in the upper layer."""
@@ -107,9 +109,13 @@ class CopyUp:
             raise OSError(errno.ESTALE, "lower directory replaced while mounted")
         parent_fd = self.upper.dir_fd(merged_path(parent))
         origin = self.tree.origins.encode(source_fd, source_name, st)
+        if self.quota is not None:
+            self.quota.require(self.quota.block, 1)
         temp = self.work.temp_name()
         os.mkdir(temp, 0o700, dir_fd=self.work.fd)
         self._finish_in_work(temp, source_fd, source_name, st, parent_fd, name, origin)
+        if self.quota is not None:
+            self.quota.charge_new(parent_fd, name)
         self._adopt_upper(node, parent, name, parent_fd)
 
     def _finish_in_work(
@@ -176,6 +182,8 @@ class CopyUp:
         if link is None or not node.lower:
             raise FileNotFoundError(errno.ENOENT, "file has no name")
         parent, name = link
+        if self.quota is not None:
+            self._require_room(node, parent, data)
         self.ensure_dir(parent)
         parent_fd = self.upper.dir_fd(merged_path(parent))
         source = node.lower[0]
@@ -196,6 +204,8 @@ class CopyUp:
             data_from = None
             if data == FULL:
                 data_from = self.tree.data_source(node) if node.metacopy else source
+            if self.quota is not None:
+                self.quota.require(self._data_blocks(data_from), 1)
             await self._write_regular(
                 data_from=data_from,
                 size=0 if data == EMPTY else st.st_size,
@@ -212,8 +222,12 @@ class CopyUp:
             if metacopy and not node.metacopy:
                 node.data = source
         else:
+            if self.quota is not None:
+                self.quota.require(st.st_blocks * 512, 1)
             origin = self._origin_of(node, source_dir_fd, source_name, st)
             self._copy_special(source_dir_fd, source_name, st, parent_fd, name, origin)
+        if self.quota is not None:
+            self.quota.charge_new(parent_fd, name)
         node.metacopy = metacopy
         if not metacopy:
             node.data = None
@@ -287,6 +301,8 @@ class CopyUp:
         parent_fd = self.upper.dir_fd(path[:-1])
         name = path[-1]
         old = safeio.lstat(parent_fd, name)
+        if self.quota is not None:
+            self.quota.require(self._data_blocks(data_from), 0)
         kept = {}
         for record in ("origin", "redirect"):
             for prefix in (whiteout.TRUSTED_PREFIX, whiteout.USER_PREFIX):
@@ -305,12 +321,39 @@ class CopyUp:
             replace=True,
             private=kept,
         )
+        if self.quota is not None:
+            self.quota.add((safeio.lstat(parent_fd, name).st_blocks - old.st_blocks) * 512)
         self.tree.inodes.drop_key((old.st_dev, old.st_ino), node)
         node.metacopy = False
         node.data = None
         self._adopt_upper(node, *node.upper_link_or_fail(), parent_fd)
         node.generation += 1
         self.copies += 1
+
+    def _require_room(self, node: Node, parent: Node, data: str) -> None:
+        """Refuse (EDQUOT) a copy-up of ``node`` whose data (when it brings its data) and
+        missing parent directories cannot all fit, before any of them is made."""
+        assert self.quota is not None
+        missing = 0
+        ancestor: Node | None = parent
+        while ancestor is not None and not ancestor.in_upper and missing < 4096:
+            missing += 1
+            up = ancestor.primary_link()
+            ancestor = up[0] if up is not None else None
+        need = 0
+        if data == FULL or (data == METADATA and not self.metacopy):
+            need = self._data_blocks(
+                self.tree.data_source(node) if node.metacopy else node.lower[0]
+            )
+        self.quota.require(need + missing * self.quota.block, 1 + missing)
+
+    @staticmethod
+    def _data_blocks(data_from: Source | None) -> int:
+        """Bytes the copy of ``data_from``'s data allocates (its own allocation: holes are
+        not copied)."""
+        if data_from is None:
+            return 0
+        return int(data_from.layer.lstat(data_from.path).st_blocks) * 512
 
     def _adopt_upper(self, node: Node, parent: Node, name: bytes, parent_fd: int) -> None:
         st = safeio.lstat(parent_fd, name)

@@ -17,7 +17,10 @@ from unionfs.copyup import CopyUp
 from unionfs.handles import HandleTable
 from unionfs.inodes import Node
 from unionfs.mutations import Mutations
+from unionfs.quota import Quota
+from unionfs.refresh import Refresher
 from unionfs.tree import MergedTree
+from unionfs.watch import Watcher
 
 
 class Operations(Protocol):
@@ -28,11 +31,17 @@ class Operations(Protocol):
     mutations: Mutations | None
     tree: MergedTree
     handles: HandleTable
+    quota: Quota | None
+    refresher: Refresher
+    watcher: Watcher | None
 
 
 PREFIX = "user.unionfs."
 STATUS = PREFIX + "status"
 ORIGIN = PREFIX + "origin"
+# getxattr of this name on an entry of the mount drops every cached view of it (and below
+# it) after its lower layers changed: ``unionfs refresh`` (see operations.refresh_caches)
+REFRESH = PREFIX + "refresh"
 
 
 def status_document(operations: Operations) -> dict[str, Any]:
@@ -52,6 +61,11 @@ def status_document(operations: Operations) -> dict[str, Any]:
         "whiteouts": mutations.whiteouts_made if mutations else 0,
         "nodes": len(operations.tree.inodes.nodes),
         "open_files": len(operations.handles.files),
+        "quota": operations.quota.document() if operations.quota is not None else None,
+        "refreshes": operations.refresher.refreshes,
+        "invalidations": operations.refresher.invalidations,
+        "watched": len(operations.watcher.watched) if operations.watcher is not None else None,
+        "watch_limited": operations.watcher.limited if operations.watcher is not None else False,
     }
 
 

@@ -92,6 +92,21 @@ class Layer:
                 if isinstance(value, int):
                     os.close(value)
 
+    def forget_path(self, path: RelPath, *, subtree: bool) -> None:
+        """A lower layer changed at ``path`` under a live mount (unionfs.refresh): drop its
+        cached fds, listings and stats (and everything below when ``subtree``)."""
+        self.forget_dir(path, subtree=subtree)
+        if subtree:
+            doomed = [key for key in self._stats if key[: len(path)] == path]
+        else:
+            doomed = [path] if path in self._stats else []
+        for key in doomed:
+            del self._stats[key]
+
+    def cached_stat(self, path: RelPath) -> os.stat_result | None:
+        """The stat cached for ``path`` (lower layers), None when none is."""
+        return self._stats.get(path)
+
     def note_entry(self, path: RelPath, name: bytes, kind: int | None) -> None:
         """Directory ``path`` now holds ``name`` of type ``kind`` (None: nothing), no whiteout."""
         listing = self._listings.get(path)

@@ -37,6 +37,7 @@ from unionfs.index import HardLinkIndex
 from unionfs.layer import Layer
 from unionfs.operations import Operations
 from unionfs.tree import MergedTree
+from unionfs.watch import Watcher
 from unionfs.workdir import WorkDir, volatile_marker, volatile_owner
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ def validate(config: MountConfig) -> None:
     if not config.lowers:
         raise MountError(EXIT_USAGE, "no layers given")
     _absolute_paths(config)
+    if config.upper is None and (config.quota_bytes is not None or config.quota_inodes is not None):
+        raise MountError(EXIT_USAGE, "quota= needs a writable upper layer (--upper)")
     seen: dict[str, str] = {}
     resolved_lowers: list[str] = []
     for layer in config.lowers:
@@ -397,6 +400,13 @@ async def _serve(operations: Operations, real_mountpoint: str, shutdown: Shutdow
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, shutdown)
         nursery.start_soon(_tune_after_init, operations, real_mountpoint)
+        if operations.config.watch:
+            try:
+                watcher = Watcher(operations.refresher.lowers)
+            except OSError as error:
+                log.warning("watch: no inotify (%s): use `unionfs refresh`", error.strerror)
+            else:
+                nursery.start_soon(operations.follow_lower_changes, watcher)
         if fusefeatures.has("main_lean"):
             await pyfuse3.main_lean(checkpoint_every=CHECKPOINT_EVERY)
         else:
@@ -454,7 +464,10 @@ def raise_read_ahead(real_mountpoint: str) -> None:
 
 def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> int:
     """Mount and serve until unmounted or signalled. Returns an exit status."""
-    operations = Operations(prepared.tree, config, prepared.work)
+    try:
+        operations = Operations(prepared.tree, config, prepared.work)
+    except OSError as error:
+        raise MountError(EXIT_LAYER, f"cannot prepare the upper's quota: {error}") from None
     # The daemon allocates many short-lived objects per request and makes little cyclic
     # garbage (nodes point to parents only): collect young objects far less often (measured
     # by the benchmarks: -18% daemon CPU per cold lookup), and never scan the startup heap.
@@ -496,6 +509,11 @@ def release_layers(
     After a clean end of a volatile mount, sync the upper's filesystem and remove the volatile
     mark (see ``workdir``)."""
     operations.handles.close_all()
+    if operations.quota is not None:
+        try:
+            operations.quota.close()  # the usage at unmount, for `unionfs check`
+        except OSError as error:
+            log.warning("quota record not updated: %s", error)
     upper = prepared.tree.upper
     if volatile_clean and prepared.work is not None and upper is not None:
         try:

@@ -26,21 +26,24 @@ import logging
 import os
 import stat
 import types
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from unionfs import fuseconn, fusefeatures, introspection, safeio, whiteout
+from unionfs import fuseconn, fusefeatures, introspection, refresh, safeio, whiteout
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
 from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp
 from unionfs.handles import DirHandle, FileHandle, HandleTable, Listings
 from unionfs.idmap import IdMapper
-from unionfs.inodes import Node
+from unionfs.inodes import Node, link_path
 from unionfs.mutations import Mutations
+from unionfs.quota import Quota, lstat_upper
+from unionfs.safeio import RelPath
 from unionfs.tree import MergedTree
+from unionfs.watch import Watcher
 from unionfs.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -151,6 +154,19 @@ async def run_in_thread(function: Callable[[], int]) -> int:
 
 
 COPY_LIMITER = trio.CapacityLimiter(2)
+WATCH_BATCH_SECONDS = 0.01
+
+
+def invalidate(out: list[refresh.Invalidation]) -> None:
+    """Make the kernel forget entries and inodes (from a worker thread only)."""
+    for ino, name in out:
+        try:
+            if name is None:
+                pyfuse3.invalidate_inode(ino, attr_only=False)
+            else:
+                pyfuse3.invalidate_entry(ino, name)
+        except OSError:
+            continue  # nothing cached there (ENOENT), or the mount is going away
 
 
 class Operations(pyfuse3.Operations):
@@ -191,6 +207,29 @@ class Operations(pyfuse3.Operations):
                 oci_whiteouts=config.whiteout_format == "oci",
                 redirect_dir=config.redirect_dir,
             )
+        self.quota: Quota | None = None
+        if self.copyup is not None and work is not None and tree.upper is not None:
+            self.quota = Quota.open(
+                work.path,
+                tree.upper.root_fd,
+                config.quota_bytes,
+                config.quota_inodes,
+                remove=config.quota_remove,
+            )
+            self.copyup.quota = self.quota
+            if self.quota is not None and config.writeback and not config.writeback_given:
+                # With the write-back cache a write past the limit would fail only when the
+                # kernel writes the page back (close() answers EIO, the page cache keeps data
+                # the upper never got): with a quota write(2) itself answers EDQUOT.
+                self.enable_writeback_cache = False
+            elif self.quota is not None and config.writeback:
+                log.warning(
+                    "quota with writeback=1: a write past the limit fails at write-back "
+                    "(fsync answers EDQUOT, close EIO) and the kernel may show data the upper "
+                    "never got"
+                )
+        self.refresher = refresh.Refresher(tree)
+        self.watcher: Watcher | None = None  # -o watch, once it follows the lower layers
         self.no_opendir = fusefeatures.has("no_opendir")
         self.cache_readdir = fusefeatures.has("opendir_fileinfo") and fusefeatures.has(
             "fileinfo_flags"
@@ -262,6 +301,75 @@ class Operations(pyfuse3.Operations):
         if not node.in_upper:
             return False
         return node.is_dir or not (node.metacopy and data != METADATA)
+
+    # quota ---------------------------------------------------------------------------
+    def _link_paths(self, links: Sequence[tuple[Node, bytes]]) -> list[RelPath]:
+        paths = []
+        for parent, name in links:
+            try:
+                paths.append(link_path(parent, name))
+            except OSError:
+                continue
+        return paths
+
+    def _upper_stats(self, paths: list[RelPath]) -> list[os.stat_result | None]:
+        assert self.tree.upper is not None
+        return lstat_upper(self.tree.upper.try_lstat, paths)
+
+    def _counted(
+        self,
+        links: Sequence[tuple[Node, bytes]],
+        need_bytes: int,
+        need_inodes: int,
+        work: Callable[[], R],
+    ) -> Callable[[], R]:
+        """``work`` (a namespace change at ``links``) refused when what it needs cannot fit
+        the quota, then charged or credited with what changed at those names."""
+        quota = self.quota
+        if quota is None:
+            return work
+
+        def counted() -> R:
+            quota.require(need_bytes, need_inodes)
+            paths = self._link_paths(links)
+            before = quota.begin(self._upper_stats(paths))
+            try:
+                return work()
+            finally:
+                quota.settle(before, quota.snapshot(self._upper_stats(paths)))
+
+        return counted
+
+    async def _counted_async(
+        self, links: Sequence[tuple[Node, bytes]], work: Callable[[], Awaitable[R]]
+    ) -> R:
+        """``_counted`` for changes that await (unlink, rename: they need no new inode)."""
+        quota = self.quota
+        if quota is None:
+            return await work()
+        paths = self._link_paths(links)
+        before = quota.begin(self._upper_stats(paths))
+        try:
+            return await work()
+        finally:
+            quota.settle(before, quota.snapshot(self._upper_stats(paths)))
+
+    def _counted_xattr(self, dir_fd: int, entry: bytes | None, change: Callable[[], None]) -> None:
+        """An xattr change of an upper object: the block it may take (or free) is charged
+        (never refused: at most one block per inode on common filesystems)."""
+        if self.quota is None:
+            change()
+            return
+
+        def blocks() -> int:
+            st = os.fstat(dir_fd) if entry is None else safeio.lstat(dir_fd, entry)
+            return int(st.st_blocks)
+
+        before = blocks()
+        try:
+            change()
+        finally:
+            self.quota.add((blocks() - before) * 512)
 
     def _exclusive(self, work: Callable[[], R]) -> Answer[R]:
         """``work()`` (which never awaits) under the namespace lock: now if the lock is free,
@@ -348,12 +456,65 @@ class Operations(pyfuse3.Operations):
             "f_namemax",
         ):
             setattr(data, field, getattr(info, field))
+        quota = self.quota
+        if quota is not None and quota.limit_bytes is not None:
+            # df shows the quota as the filesystem (as XFS project quotas do)
+            blocks = max(quota.limit_bytes // data.f_frsize, 1)
+            free = max(quota.limit_bytes - quota.used.bytes, 0) // data.f_frsize
+            data.f_blocks = blocks
+            data.f_bfree = min(free, data.f_bfree)
+            data.f_bavail = min(free, data.f_bavail)
+        if quota is not None and quota.limit_inodes is not None:
+            data.f_files = quota.limit_inodes
+            free_inodes = max(quota.limit_inodes - quota.used.inodes, 0)
+            data.f_ffree = min(free_inodes, data.f_ffree)
+            data.f_favail = min(free_inodes, data.f_favail)
         return data
+
+    # live lower layers ---------------------------------------------------------------
+    async def refresh_caches(self, node: Node) -> bytes:
+        """``unionfs refresh``: drop the daemon's caches of ``node`` (under the namespace
+        lock: no copy-up holds a cached fd meanwhile), then the kernel's, from a worker
+        thread (the kernel may wait for requests of ours while it invalidates)."""
+        async with self.lock:
+            out = self.refresher.refresh_node(node)
+        await trio.to_thread.run_sync(invalidate, out)
+        return refresh.describe(out).encode()
+
+    async def follow_lower_changes(self, watcher: Watcher) -> None:
+        """``-o watch``: watch every lower directory, then refresh what the events name."""
+        try:
+            await self._follow(watcher)
+        finally:
+            watcher.close()
+
+    async def _follow(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        for layer in self.refresher.lowers:
+            await trio.to_thread.run_sync(watcher.watch_tree, layer)
+        log.info("watch: %d lower directories watched", len(watcher.watched))
+        while True:
+            await trio.lowlevel.wait_readable(watcher.fd)
+            # a burst of changes (an archive unpacked into a layer) becomes one refresh
+            await trio.sleep(WATCH_BATCH_SECONDS)
+            async with self.lock:
+                changes = watcher.read()
+                if changes.overflow:
+                    log.warning("watch: inotify queue overflowed: refreshing everything")
+                    out = self.refresher.refresh_all()
+                else:
+                    out = self.refresher.refresh_entries(changes.names)
+            if out:
+                await trio.to_thread.run_sync(invalidate, out)
 
     # extended attributes -------------------------------------------------------------
     @boundary
-    def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Answer[bytes]:
         attribute = os.fsdecode(name)
+        if attribute == introspection.REFRESH:
+            if ctx.uid not in (0, os.geteuid()):
+                raise OSError(errno.EPERM, "only the mount's owner may refresh it")
+            return self.refresh_caches(self._node(inode))
         if attribute.startswith(introspection.PREFIX):
             return introspection.answer(self, self._node(inode), attribute)
         self._xattrs_enabled()
@@ -387,7 +548,9 @@ class Operations(pyfuse3.Operations):
 
         def change() -> None:
             dir_fd, entry = writer.upper_location(node)
-            safeio.set_xattr(dir_fd, entry, stored, value)
+            self._counted_xattr(
+                dir_fd, entry, lambda: safeio.set_xattr(dir_fd, entry, stored, value)
+            )
 
         return self._changing(node, METADATA, change)
 
@@ -409,7 +572,7 @@ class Operations(pyfuse3.Operations):
         if not self.lock.locked() and self._ready(node, METADATA):
             exists()
             dir_fd, entry = writer.upper_location(node)
-            safeio.remove_xattr(dir_fd, entry, stored)
+            self._counted_xattr(dir_fd, entry, lambda: safeio.remove_xattr(dir_fd, entry, stored))
             return None
         return self._remove_xattr_after_lock(writer, node, stored, exists)
 
@@ -420,7 +583,7 @@ class Operations(pyfuse3.Operations):
             exists()  # before copying up: a missing attribute changes nothing
             await writer.prepare_change(node, METADATA)
             dir_fd, entry = writer.upper_location(node)
-            safeio.remove_xattr(dir_fd, entry, stored)
+            self._counted_xattr(dir_fd, entry, lambda: safeio.remove_xattr(dir_fd, entry, stored))
 
     # files ---------------------------------------------------------------------------
     @boundary
@@ -463,6 +626,8 @@ class Operations(pyfuse3.Operations):
     @boundary
     def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles.file(fh)
+        if self.quota is not None:
+            return self.quota.write(handle.fd, buf, off)
         return os.pwrite(handle.fd, buf, off)
 
     @boundary
@@ -498,7 +663,15 @@ class Operations(pyfuse3.Operations):
         handle = self.handles.file(fh)
         if not handle.writable:
             raise OSError(errno.EBADF, "not open for writing")
-        safeio.fallocate(handle.fd, mode, offset, length)
+        if self.quota is None:
+            safeio.fallocate(handle.fd, mode, offset, length)
+            return
+        grows = not mode & safeio.FALLOC_FL_PUNCH_HOLE
+        blocks = self.quota.before_data_change(handle.fd, offset, length, grows=grows)
+        try:
+            safeio.fallocate(handle.fd, mode, offset, length)
+        finally:
+            self.quota.after_data_change(handle.fd, blocks)
 
     @boundary
     def lseek(self, fh: int, offset: int, whence: int) -> int:
@@ -617,7 +790,7 @@ class Operations(pyfuse3.Operations):
             number = self.handles.add_file(FileHandle(node, fd, node.generation, True))
             return pyfuse3.FileInfo(fh=number, keep_cache=True), self._entry(node, st)
 
-        return self._exclusive(make)
+        return self._exclusive(self._counted([(self._node(parent_inode), name)], 0, 1, make))
 
     @boundary
     def mkdir(
@@ -625,8 +798,15 @@ class Operations(pyfuse3.Operations):
     ) -> Answer[pyfuse3.EntryAttributes]:
         writer = self._writer()
         owner = self._owner(ctx)
+        parent = self._node(parent_inode)
+        block = self.quota.block if self.quota is not None else 0
         return self._exclusive(
-            lambda: self._entry(*writer.mkdir(self._node(parent_inode), name, mode, *owner))
+            self._counted(
+                [(parent, name)],
+                block,
+                1,
+                lambda: self._entry(*writer.mkdir(parent, name, mode, *owner)),
+            )
         )
 
     @boundary
@@ -635,8 +815,14 @@ class Operations(pyfuse3.Operations):
     ) -> Answer[pyfuse3.EntryAttributes]:
         writer = self._writer()
         owner = self._owner(ctx)
+        parent = self._node(parent_inode)
         return self._exclusive(
-            lambda: self._entry(*writer.mknod(self._node(parent_inode), name, mode, rdev, *owner))
+            self._counted(
+                [(parent, name)],
+                0,
+                1,
+                lambda: self._entry(*writer.mknod(parent, name, mode, rdev, *owner)),
+            )
         )
 
     @boundary
@@ -645,8 +831,16 @@ class Operations(pyfuse3.Operations):
     ) -> Answer[pyfuse3.EntryAttributes]:
         writer = self._writer()
         owner = self._owner(ctx)
+        parent = self._node(parent_inode)
+        # a target too long for the inode itself takes a block (ext4: 60 bytes inline)
+        block = self.quota.block if self.quota is not None and len(target) >= 60 else 0
         return self._exclusive(
-            lambda: self._entry(*writer.symlink(self._node(parent_inode), name, target, *owner))
+            self._counted(
+                [(parent, name)],
+                block,
+                1,
+                lambda: self._entry(*writer.symlink(parent, name, target, *owner)),
+            )
         )
 
     @async_boundary
@@ -662,7 +856,8 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         writer = self._writer()
         async with self.lock:
-            await writer.unlink(self._node(parent_inode), name)
+            parent = self._node(parent_inode)
+            await self._counted_async([(parent, name)], lambda: writer.unlink(parent, name))
 
     @boundary
     def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Answer[None]:
@@ -671,7 +866,7 @@ class Operations(pyfuse3.Operations):
         def remove() -> None:
             writer.rmdir(self._node(parent_inode), name)
 
-        return self._exclusive(remove)
+        return self._exclusive(self._counted([(self._node(parent_inode), name)], 0, 0, remove))
 
     @async_boundary
     async def rename(
@@ -685,12 +880,11 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         writer = self._writer()
         async with self.lock:
-            await writer.rename(
-                self._node(parent_inode_old),
-                name_old,
-                self._node(parent_inode_new),
-                name_new,
-                flags,
+            old_parent = self._node(parent_inode_old)
+            new_parent = self._node(parent_inode_new)
+            await self._counted_async(
+                [(old_parent, name_old), (new_parent, name_new)],
+                lambda: writer.rename(old_parent, name_old, new_parent, name_new, flags),
             )
 
     @boundary
@@ -767,6 +961,18 @@ class Operations(pyfuse3.Operations):
                 return handle.fd
         return None
 
+    def _truncate(self, fd: int, size: int) -> None:
+        """ftruncate, its freed blocks credited to the quota. Growing allocates no block
+        (the new part is a hole) so it is never refused; writing into it is."""
+        if self.quota is None:
+            os.ftruncate(fd, size)
+            return
+        blocks = self.quota.before_data_change(fd, 0, 0, grows=False)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            self.quota.after_data_change(fd, blocks)
+
     def _apply_setattr(
         self,
         node: Node,
@@ -781,13 +987,13 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             handle = self.handles.files.get(fh) if fh is not None else None
             if handle is not None and handle.writable:
-                os.ftruncate(handle.fd, attr.st_size)
+                self._truncate(handle.fd, attr.st_size)
             elif name is None:
-                os.ftruncate(dir_fd, attr.st_size)  # an open upper file (see setattr)
+                self._truncate(dir_fd, attr.st_size)  # an open upper file (see setattr)
             else:
                 fd = safeio.open_file(dir_fd, name, os.O_WRONLY)
                 try:
-                    os.ftruncate(fd, attr.st_size)
+                    self._truncate(fd, attr.st_size)
                 finally:
                     os.close(fd)
         if fields.update_uid or fields.update_gid:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import stat
 
 from unionfs.config import IdMapping, MountConfig
+from unionfs.quota import QuotaError, parse_size
 
 # libfuse 3 turns these into mount(2) flags: option -> its family (the last given of a family
 # wins: "nosuid" after "suid" mounts nosuid).
@@ -154,6 +155,10 @@ VALUED = {
     "rootmode",
     "fsname",
     "noxattrs",
+    "quota",
+    "size",
+    "quota_inodes",
+    "inodes",
 }
 VALUE_OPTIONAL = {"xino", "plugins", "noxattrs"}  # fuse-overlayfs takes noxattrs=1
 OVERFLOW_FALLBACK = 65534
@@ -264,6 +269,10 @@ def apply_options(config: MountConfig, options: list[str]) -> None:
         if config.metacopy_given:
             raise OptionError("metacopy=on needs redirect_dir=on (as in kernel overlayfs)")
         config.metacopy = False
+    if (config.quota_bytes is not None or config.quota_inodes is not None) and (
+        config.quota_remove
+    ):
+        raise OptionError("quota=none cannot be combined with a quota limit")
     if config.volatile:
         config.fsync = False  # whatever fsync= said (fuse-overlayfs: volatile means fsync=0)
 
@@ -296,6 +305,17 @@ def _apply_valued(
         config.fsync = _int_option(key, value) != 0
     elif key == "writeback":
         config.writeback = _switch(key, value, ("1", "on", "yes"), ("0", "off", "no"))
+        config.writeback_given = True
+    elif key in ("quota", "size"):
+        if value == "none":
+            config.quota_remove = True
+            return
+        try:
+            config.quota_bytes = parse_size(value)
+        except QuotaError as error:
+            raise OptionError(f"option {key}: {error}") from None
+    elif key in ("quota_inodes", "inodes"):
+        config.quota_inodes = _int_option(key, value, lowest=1)
     elif key == "redirect_dir":
         config.redirect_dir = _switch(key, value, ("on",), ("off", "follow", "nofollow"))
         if value == "nofollow":
@@ -384,6 +404,10 @@ def _set_nonempty(config: MountConfig) -> None:
     config.nonempty = True
 
 
+def _set_watch(config: MountConfig) -> None:
+    config.watch = True
+
+
 def _set_acl(config: MountConfig) -> None:
     config.posix_acl = True
 
@@ -401,6 +425,7 @@ _FLAG_OPTIONS = {
     "static_nlink": _set_static_nlink,
     "nonempty": _set_nonempty,
     "acl": _set_acl,
+    "watch": _set_watch,
     "noacl": _set_noacl,
 }
 

@@ -12,8 +12,8 @@ PACKAGE = Path(unionfs.__file__).parent
 FUSE_AWARE = {"operations", "mount", "attrs", "fuseconn", "fusefeatures"}
 # Lower modules never import higher ones (a module may import any module listed after it).
 ORDER = ["cli", "commands", "mount", "operations", "fuseconn", "fusefeatures", "introspection",
-         "mutations", "copyup", "tree", "index", "origin", "inodes", "stack", "layer", "workdir",
-         "safeio", "whiteout"]
+         "watch", "refresh", "mutations", "copyup", "tree", "index", "origin", "inodes",
+         "stack", "layer", "workdir", "quota", "safeio", "whiteout"]
 
 
 def imports(module: str) -> set[str]:

@@ -124,7 +124,7 @@ def test_every_known_option_is_in_the_readme() -> None:
              "rootmode", "fsname", "noxattrs", "userxattr", "static_nlink", "nonempty", "acl",
              "noacl", "debug", "allow_other", "allow_root", "auto_unmount", "ro", "rw", "suid",
              "nosuid", "dev", "nodev", "exec", "noexec", "sync", "async", "atime", "noatime",
-             "dirsync"]
+             "dirsync", "quota", "size", "quota_inodes", "inodes", "watch"]
     missing = [name for name in known if f"`{name}" not in table]
     assert missing == []
 
