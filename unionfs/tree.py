@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Sequence
 
 from unionfs import safeio, whiteout
 from unionfs.index import HardLinkIndex
@@ -31,8 +32,8 @@ def check_name_length(name: bytes) -> None:
 
 
 class MergedTree:
-    def __init__(self, layers: list[Layer]) -> None:
-        self.stack = Stack(layers)
+    def __init__(self, layers: list[Layer], data_layers: Sequence[Layer] = ()) -> None:
+        self.stack = Stack(layers, data_layers)
         self.upper: Layer | None = self.stack.upper
         self.origins = Origins()
         self.inodes = InodeTable(self.stack.root_sources(), root_in_upper=self.upper is not None)
@@ -43,7 +44,7 @@ class MergedTree:
         return self.inodes.root
 
     def close(self) -> None:
-        for layer in self.stack.layers:
+        for layer in [*self.stack.layers, *self.stack.data_layers]:
             layer.close()
         if self.index is not None:
             self.index.close()
