@@ -78,6 +78,8 @@ def status(mountpoint: str | None) -> int:
         for index, layer in enumerate(lowers):
             role = "  (base)" if index == 0 else "  (top)" if index == len(lowers) - 1 else ""
             print(f"  lower {index}: {layer}{role}")
+        for index, layer in enumerate(document.get("data_layers", [])):
+            print(f"  data-only {index}: {layer}")
         if upper:
             print(f"  upper:   {upper}  ({_tree_size(upper) // 1024} KiB)")
         else:

@@ -359,13 +359,16 @@ class Stack:
             return below, self.data_only(search.parts)
         return below, None
 
-    def data_only(self, path: RelPath) -> Source | None:
-        """The first regular file at ``path`` in the data-only layers (None: in none)."""
+    def data_only(self, path: RelPath) -> Source:
+        """The first regular file at ``path`` in the data-only layers. The kernel looks them
+        up lazily, at the first open: a file whose data is in none of them still shows, and
+        opening (or copying up) it fails with ENOENT. So when none holds it, the answer is
+        ``path`` in the first data-only layer, where the open fails just so."""
         for layer in self.data_layers:
             st = layer.try_lstat(path)
             if st is not None and stat.S_ISREG(st.st_mode):
                 return Source(layer, path)
-        return None
+        return Source(self.data_layers[0], path)
 
     def walk(self, path: RelPath) -> list[Source] | None:
         """The merged sources of the directory at ``path`` in this stack's merged namespace

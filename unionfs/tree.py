@@ -360,13 +360,19 @@ class MergedTree:
         parent_fd, name = top.layer.parent_and_name(top.path)
         return safeio.open_lower_file(parent_fd, name)
 
-    @staticmethod
-    def data_source(node: Node) -> Source:
+    def data_source(self, node: Node) -> Source:
         """Where a metadata-only node's data is; EIO when no lower layer has it (the chain
-        of metacopy files and redirects ends nowhere: kernel overlayfs fails the lookup)."""
+        of metacopy files and redirects ends nowhere: kernel overlayfs fails the lookup);
+        ENOENT when its absolute redirect finds no regular file in the data-only layers
+        (the kernel's lazy lookup fails the open so, see ``Stack.data_only``)."""
         if node.data is None:
             raise OSError(errno.EIO, "metadata-only file whose data is in no lower layer")
-        return node.data
+        data = node.data
+        if self.stack.data_layers and data.layer in self.stack.data_layers:
+            st = data.layer.try_lstat(data.path)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                raise FileNotFoundError(errno.ENOENT, "data in no data-only layer")
+        return data
 
     def readlink(self, node: Node) -> bytes:
         if not stat.S_ISLNK(node.kind):
