@@ -256,8 +256,11 @@ class StoreDir:
         shown = "/".join(parts)
         if error.errno in (errno.ELOOP, errno.ENOTDIR):
             parent = parts[:-1]
-            with self.walk(parent, directory=True) if parent else _same(self.fd) as parent_fd:
-                st = os.stat(os.fsencode(parts[-1]), dir_fd=parent_fd, follow_symlinks=False)
+            try:
+                with self.walk(parent, directory=True) if parent else _same(self.fd) as fd:
+                    st = os.stat(os.fsencode(parts[-1]), dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                return StoreError(f"{shown}: {error.strerror}")
             if stat.S_ISLNK(st.st_mode):
                 return StoreError(f"{shown} is a symlink: it may point outside the store")
             return StoreError(f"{shown} has the wrong type (the store is damaged)")

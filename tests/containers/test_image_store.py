@@ -629,3 +629,28 @@ def test_unknown_and_ambiguous_in_podman_store(
     store, _ = podman_store
     assert_refused(store, "localhost/storetest:2", tmp_path / "mnt")
     assert_refused(store, "0" * 64, tmp_path / "mnt")
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["mount", "--store", "{store}", "{mnt}"],  # no IMAGE
+        ["mount", "--store", "{store}", "--image", "{store}", "storetest:1", "{mnt}"],
+        ["run", "--store", "{store}", "storetest:1"],  # no command
+        ["run", "--store", "{store}", "--", "/bin/true"],  # no IMAGE
+    ],
+)
+def test_store_usage_errors(
+    docker_store: tuple[Path, str], tmp_path: Path, arguments: list[str]
+) -> None:
+    store, _ = docker_store
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    before = store_fingerprint(store)
+    argv = [a.format(store=store, mnt=mountpoint) for a in arguments]
+    result = subprocess.run([sys.executable, "-m", "unionfs", *argv], capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not is_mounted(mountpoint)
+    assert store_fingerprint(store) == before
