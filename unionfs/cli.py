@@ -220,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a lower layer (repeat, base first): enables dangling checks",
     )
+    check_parser.add_argument(
+        "--data-layer",
+        dest="data_layers",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a data-only lower layer of the mount (repeat, in search order)",
+    )
     check_parser.add_argument("upper", metavar="UPPER")
     return parser
 
@@ -412,5 +420,5 @@ def dispatch(action: str, args: argparse.Namespace) -> int:
             layers = store_layers(args.store, layers[0]) + layers[1:]
         return commands.run(layers, args.command_line, args.upper, args.image, workdir=args.workdir)
     if action == "check":
-        return commands.check(args.upper, args.workdir, args.lower, args.repair)
+        return commands.check(args.upper, args.workdir, args.lower, args.repair, args.data_layers)
     raise OptionError(f"unknown command {action}")

@@ -209,7 +209,13 @@ def run(
         raise CommandError(error.exit_code, str(error)) from None
 
 
-def check(upper: str, workdir: str | None, lowers: list[str], repair: bool) -> int:
+def check(
+    upper: str,
+    workdir: str | None,
+    lowers: list[str],
+    repair: bool,
+    data_layers: list[str] | None = None,
+) -> int:
     """Verify (and with ``repair`` fix) an upper layer offline; 0 when it is clean."""
     from unionfs import check as checker
 
@@ -225,6 +231,7 @@ def check(upper: str, workdir: str | None, lowers: list[str], repair: bool) -> i
             Path(workdir) if workdir else None,
             [Path(layer) for layer in lowers] or None,
             repair=repair,
+            data_layers=[Path(layer) for layer in data_layers or []],
         )
     except OSError as error:
         raise CommandError(EXIT_LAYER, f"cannot check {upper}: {error.strerror}") from None

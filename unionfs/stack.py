@@ -359,6 +359,14 @@ class Stack:
             return below, self.data_only(search.parts)
         return below, None
 
+    def holds_data(self, source: Source) -> bool:
+        """Whether ``source`` (a chain's data) is really there: always for a regular lower;
+        for a data-only layer, only a regular file (``data_only`` may name a missing one)."""
+        if source.layer not in self.data_layers:
+            return True
+        st = source.layer.try_lstat(source.path)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
     def data_only(self, path: RelPath) -> Source:
         """The first regular file at ``path`` in the data-only layers. The kernel looks them
         up lazily, at the first open: a file whose data is in none of them still shows, and

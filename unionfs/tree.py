@@ -368,10 +368,8 @@ class MergedTree:
         if node.data is None:
             raise OSError(errno.EIO, "metadata-only file whose data is in no lower layer")
         data = node.data
-        if self.stack.data_layers and data.layer in self.stack.data_layers:
-            st = data.layer.try_lstat(data.path)
-            if st is None or not stat.S_ISREG(st.st_mode):
-                raise FileNotFoundError(errno.ENOENT, "data in no data-only layer")
+        if self.stack.data_layers and not self.stack.holds_data(data):
+            raise FileNotFoundError(errno.ENOENT, "data in no data-only layer")
         return data
 
     def readlink(self, node: Node) -> bytes:

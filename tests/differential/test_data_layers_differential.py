@@ -285,3 +285,26 @@ def test_kernel_reads_a_unionfs_upper(layers: dict[str, Path], tmp_path: Path) -
     ) as mounted:  # fmt: skip
         expected = observe(mounted)
     assert_same(expected, seen)
+
+
+def test_check_finds_data_in_data_layers(layers: dict[str, Path], tmp_path: Path) -> None:
+    """``unionfs check --data-layer``: the metadata-only copies a chmod left in the upper
+    have their data in a data-only layer, and are dangling without it (or when it is gone)."""
+    upper = tmp_path / "upper"
+    with unionfs(layers, tmp_path / "unionfs", "cli", upper) as mounted:
+        write_through(mounted)
+    lowers = ["--lower", str(layers["meta"]), "--lower", str(layers["top"])]
+    data = ["--data-layer", str(layers["data1"]), "--data-layer", str(layers["data2"])]
+
+    def check(*arguments: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "unionfs", "check", *arguments, str(upper)],
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+    clean = check(*lowers, *data)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    without = check(*lowers)
+    assert without.returncode == 1 and "dangling-metacopy" in without.stdout
+    assert "/usr/share/c" in without.stdout and "/etc/hosts" in without.stdout
+    (layers["data2"] / "objects" / "cc" / "3").unlink()  # the content store lost it
+    lost = check(*lowers, *data)
+    assert lost.returncode == 1 and "/usr/share/c" in lost.stdout, lost.stdout
