@@ -134,6 +134,7 @@ def containers_candidates(images: object) -> dict[str, Candidate]:
 def containers_layer_chain(layers: Sequence[object], top: str) -> list[str]:
     """Layer IDs from the base to ``top``, following ``parent`` in ``layers.json`` entries."""
     parents: dict[str, str] = {}
+    incomplete: set[str] = set()
     for entry in layers:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             raise StoreError("layers.json is damaged (a layer without an id)")
@@ -141,6 +142,9 @@ def containers_layer_chain(layers: Sequence[object], top: str) -> list[str]:
         if not isinstance(parent, str):
             raise StoreError(f"layers.json is damaged (parent of {entry['id'][:12]})")
         parents[entry["id"]] = parent
+        flags = entry.get("flags")
+        if isinstance(flags, dict) and flags.get("incomplete"):
+            incomplete.add(entry["id"])
     chain: list[str] = []
     layer = top
     while layer:
@@ -148,6 +152,8 @@ def containers_layer_chain(layers: Sequence[object], top: str) -> list[str]:
             raise StoreError(f"layers.json has no layer {layer[:12]}")
         if layer in chain:
             raise StoreError(f"layers.json is damaged (layer {layer[:12]} is its own ancestor)")
+        if layer in incomplete:
+            raise StoreError(f"layer {layer[:12]} is incomplete (an interrupted pull or build)")
         chain.append(layer)
         layer = parents[layer]
     chain.reverse()

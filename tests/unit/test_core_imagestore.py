@@ -140,6 +140,7 @@ def test_layer_chain_follows_parents() -> None:
         [{"id": "top", "parent": "b"}, {"id": "b", "parent": "top"}],
         [{"parent": "x"}],
         [{"id": "top", "parent": 3}],
+        [{"id": "top", "flags": {"incomplete": True}}],  # c/storage's mark of a half pull
     ],
 )
 def test_layer_chain_refuses_damage(layers: list[object]) -> None:
