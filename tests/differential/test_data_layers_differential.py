@@ -164,7 +164,8 @@ def observe(root: Path) -> tuple[Snapshot, dict[str, object]]:
     }
     probes["root listing"] = sorted(os.listdir(root))
     for name in ("etc/passwd", "bin/tool", "usr/share/c", "shadowed", "broken", "orphan",
-                 "etc/hosts", "plain", "todir", "tolink", "viasymlink"):  # fmt: skip
+                 "etc/hosts", "plain", "todir", "tolink", "viasymlink", "usr/c-moved",
+                 "hosts-moved", "lib/passwd"):  # fmt: skip
         probes[f"read {name}"] = read_result(root / name)
         if name == "orphan":
             # Not compared: the kernel fails the lookup of a metacopy file with no data
@@ -231,16 +232,27 @@ def write_through(root: Path) -> dict[str, int]:
     os.chmod(root / "usr" / "share" / "c", 0o600)  # metadata only: the data stays below
     os.chmod(root / "etc" / "hosts", 0o640)
     os.utime(root / "shadowed", (1_000_000_000, 1_000_000_000))
+    # Renames of metadata-only copies: the upper copy gets a redirect to the old name, whose
+    # metacopy file in the metadata layer redirects again, into a data-only layer.
+    os.rename(root / "usr" / "share" / "c", root / "usr" / "c-moved")
+    os.rename(root / "etc" / "hosts", root / "hosts-moved")
+    (root / "lib").mkdir()
+    os.rename(root / "etc" / "passwd", root / "lib" / "passwd")  # (copied up with its data)
     return failures
 
 
-def upper_contents(upper: Path) -> dict[str, bytes | None]:
-    """Each upper regular file's data, None for a metadata-only one (all hole, metacopy)."""
-    found: dict[str, bytes | None] = {}
+def upper_contents(upper: Path) -> dict[str, bytes | str | None]:
+    """Each upper regular file's data, None for a metadata-only one (all hole, metacopy),
+    the type of anything else (whiteouts)."""
+    found: dict[str, bytes | str | None] = {}
     for directory, _dirs, files in os.walk(upper):
         for name in files:
             path = Path(directory) / name
             key = str(path.relative_to(upper))
+            mode = path.lstat().st_mode
+            if not stat.S_ISREG(mode):
+                found[key] = stat.filemode(mode)[0]
+                continue
             try:
                 os.getxattr(path, "trusted.overlay.metacopy")
                 found[key] = None
@@ -260,7 +272,9 @@ def test_copy_up_matches_the_kernel(layers: dict[str, Path], tmp_path: Path, for
     assert failures == expected_failures
     assert expected_failures["broken"] == errno.ENOENT  # no data: the copy-up fails
     assert_same(expected, seen)
-    assert expected[1]["read etc/passwd"] == CONTENTS["passwd"] + (
+    assert expected[1]["read usr/c-moved"] == CONTENTS["share"]
+    assert expected[1]["read hosts-moved"] == CONTENTS["share"]
+    assert expected[1]["read lib/passwd"] == CONTENTS["passwd"] + (
         b"user:x:1000:1000::/home/user:/bin/sh\n"
     )
     assert upper_contents(tmp_path / "unionfs-upper") == upper_contents(tmp_path / "kernel-upper")
@@ -304,7 +318,11 @@ def test_check_finds_data_in_data_layers(layers: dict[str, Path], tmp_path: Path
     assert clean.returncode == 0, clean.stdout + clean.stderr
     without = check(*lowers)
     assert without.returncode == 1 and "dangling-metacopy" in without.stdout
-    assert "/usr/share/c" in without.stdout and "/etc/hosts" in without.stdout
+    dangling = [line for line in without.stdout.splitlines() if "dangling-metacopy" in line]
+    assert len(dangling) == 3, without.stdout  # usr/c-moved, hosts-moved, shadowed
+    for name in ("/usr/c-moved", "/hosts-moved", "/shadowed"):
+        assert any(name in line for line in dangling), without.stdout
     (layers["data2"] / "objects" / "cc" / "3").unlink()  # the content store lost it
     lost = check(*lowers, *data)
-    assert lost.returncode == 1 and "/usr/share/c" in lost.stdout, lost.stdout
+    dangling = [line for line in lost.stdout.splitlines() if "dangling-metacopy" in line]
+    assert lost.returncode == 1 and len(dangling) == 2, lost.stdout  # the two moved from cc/3
