@@ -191,7 +191,14 @@ def podman(root: Path, run: Path, driver: str, *args: str) -> subprocess.Complet
         conf.write_text(
             f'[storage]\ndriver = "{driver}"\ngraphroot = "{root}"\nrunroot = "{run}"\n'
         )
-    env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}
+        # Rootful podman's default tmp_dir is the machine-wide /run/libpod: another test run's
+        # cleanup would break this one's podman (as tests/containers/podman_rig.py says).
+        (run / "containers.conf").write_text(f'[engine]\ntmp_dir = "{run}/libpod-tmp"\n')
+    env = {
+        **os.environ,
+        "CONTAINERS_STORAGE_CONF": str(conf),
+        "CONTAINERS_CONF": str(run / "containers.conf"),
+    }
     argv = ["podman", "--root", str(root), "--runroot", str(run), "--storage-driver", driver]
     result = subprocess.run(
         [*argv, *args], env=env, capture_output=True, text=True, timeout=120, check=False
@@ -245,7 +252,6 @@ def extract_layer(data: bytes, target: Path) -> None:
             name = path.name
             path.parent.mkdir(parents=True, exist_ok=True)  # (as dockerd makes them)
             if name == ".wh..wh..opq":
-                path.parent.mkdir(parents=True, exist_ok=True)
                 os.setxattr(path.parent, "trusted.overlay.opaque", b"y")
             elif name.startswith(".wh."):
                 os.mknod(path.with_name(name[4:]), stat.S_IFCHR | 0o000, os.makedev(0, 0))
