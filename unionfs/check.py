@@ -314,6 +314,8 @@ class _Checker:
         data = None
         if sources is not None:
             data = self.lowers.data_below(sources, name, redirect)
+            if data is not None and not self.lowers.holds_data(data):
+                data = None  # an absolute redirect into the data-only layers, found in none
         if data is None:
             where = "" if redirect is None else f" ({whiteout.encode_redirect(redirect[1])!r})"
             self.problem(
@@ -486,12 +488,15 @@ def check_upper(
     lowers: list[Path] | None,
     *,
     repair: bool,
+    data_layers: list[Path] | None = None,
 ) -> CheckReport:
     """Check (and with ``repair`` fix what is safe) an upper layer that no mount is using.
 
     ``lowers`` (base first, as a mount lists them) enables the checks against lower layers
     (dangling metacopy files, redirects and whiteouts); ``workdir`` enables the work area
-    check. Raises ``OSError`` when the upper itself cannot be opened.
+    check; ``data_layers`` are the mount's data-only layers (in search order), where the data
+    of metadata-only copies with absolute redirects may live. Raises ``OSError`` when the
+    upper itself cannot be opened.
     """
     report = CheckReport(Path(upper), Path(workdir) if workdir is not None else None)
     lower_layers: list[Layer] = []
@@ -505,7 +510,13 @@ def check_upper(
     try:
         for index, path in enumerate(reversed(lowers or [])):
             lower_layers.append(Layer(str(path), index, writable=False))
-        checker = _Checker(report, repair, Stack(lower_layers) if lowers is not None else None)
+        data_objects = [
+            Layer(str(path), len(lower_layers) + index, writable=False)
+            for index, path in enumerate(data_layers or [])
+        ]
+        lower_layers.extend(data_objects)  # (closed with the lowers)
+        stack = Stack(lower_layers[: len(lower_layers) - len(data_objects)], data_objects)
+        checker = _Checker(report, repair, stack if lowers is not None else None)
         if workdir is not None:
             checker.check_work(Path(workdir))
             checker.check_index(Path(workdir))

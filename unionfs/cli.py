@@ -1,7 +1,9 @@
 """Command line: argparse, options -> MountConfig, and the only ``sys.exit``.
 
 Exit codes: 0 ok; 1 unexpected failure; 2 usage error; 3 bad layer/upper/workdir;
-4 bad mountpoint; 5 permission denied; 6 /dev/fuse or fusermount3 unusable.
+4 bad mountpoint; 5 permission denied; 6 /dev/fuse or fusermount3 unusable; 7 image store
+problem (``--store``: unknown image, ambiguous ID prefix, damaged metadata, missing layer, a link
+leading out of the store).
 Besides the subcommands, the fuse-overlayfs form ``unionfs -o lowerdir=TOP:...:BASE,...
 MOUNTPOINT`` (how podman and buildah call a ``mount_program``) and the ``mount.fuse3`` form
 ``unionfs SOURCE MOUNTPOINT -o ...`` are accepted, and ``unionfs mount-helper SOURCE
@@ -20,6 +22,7 @@ from typing import Any
 
 from unionfs import __version__, commands
 from unionfs.config import MountConfig
+from unionfs.imagestore import StoreError, find_image
 from unionfs.mount import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -50,7 +53,8 @@ lines of type fuse.unionfs-py reach this program through /sbin/mount.fuse.unionf
 
 """
 RUN_USAGE = (
-    "unionfs run [-h] [--upper DIR] [--workdir DIR] [--image DEST] [LAYER...] -- COMMAND [ARG...]"
+    "unionfs run [-h] [--upper DIR] [--workdir DIR] [--image DEST | --store DIR IMAGE] "
+    "[LAYER...] -- COMMAND [ARG...]"
 )
 RUN_HINT = "put -- before the command: " + RUN_USAGE.replace("unionfs run [-h] ", "unionfs run ")
 EXIT_CODES = """exit codes:
@@ -61,6 +65,8 @@ EXIT_CODES = """exit codes:
   4  bad mountpoint (missing, not a directory, not empty, already mounted)
   5  permission denied
   6  /dev/fuse or fusermount3 unusable
+  7  image store problem (--store: unknown image, ambiguous ID prefix, damaged
+     metadata, missing layer directory, a link pointing outside the store)
 """
 
 
@@ -122,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         metavar="DEST",
         help="mount the layers of an image made by 'unionfs import' (below any LAYERs given)",
+    )
+    mount_parser.add_argument(
+        "--store",
+        metavar="DIR",
+        help="a Docker overlay2 (/var/lib/docker) or containers-storage "
+        "(/var/lib/containers/storage) store: the first argument is then an IMAGE in it "
+        "(name, tag, ID or unique ID prefix) whose layers are mounted (below any LAYERs given)",
+    )
+    mount_parser.add_argument(
+        "--data-layer",
+        dest="data_layers",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a data-only lower layer (repeat; searched in the order given): never listed, "
+        "only read through metacopy files whose absolute redirect points into it "
+        "(the kernel's lowerdir=...::DIR)",
     )
     mount_parser.add_argument("paths", nargs="+", metavar="LAYER... MOUNTPOINT")
     mount_parser.epilog = MOUNT_EPILOG + EXIT_CODES
@@ -189,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="scratch dir on the upper's filesystem (default: .UPPER.unionfs-work beside it)",
     )
     run_parser.add_argument("--image", metavar="DEST", help="an image made by 'unionfs import'")
+    run_parser.add_argument(
+        "--store",
+        metavar="DIR",
+        help="a Docker overlay2 or containers-storage store: the first argument is an IMAGE in it",
+    )
     run_parser.add_argument("layers", nargs="*", metavar="LAYER")
     check_parser = commands.add_parser(
         "check",
@@ -205,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="a lower layer (repeat, base first): enables dangling checks",
+    )
+    check_parser.add_argument(
+        "--data-layer",
+        dest="data_layers",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a data-only lower layer of the mount (repeat, in search order)",
     )
     check_parser.add_argument("upper", metavar="UPPER")
     return parser
@@ -245,7 +281,8 @@ def _parse_run(argv: Sequence[str]) -> tuple[str, Any]:
     if any(arg in ("-h", "--help") for arg in arguments):
         build_parser().parse_args(arguments)  # prints the help and exits
     args, unknown = build_parser().parse_known_args(arguments)
-    not_layers = [layer for layer in args.layers if not os.path.isdir(layer)]
+    given = args.layers[1:] if args.store is not None else args.layers
+    not_layers = [layer for layer in given if not os.path.isdir(layer)]
     if unknown or not_layers or (not args.layers and args.image is None):
         stray = (unknown or not_layers or [""])[0]
         named = f" ({stray!r} is no layer directory)" if stray else ""
@@ -303,6 +340,12 @@ def parse(argv: Sequence[str]) -> tuple[str, Any]:
             args.command_line = []
         return args.command, args
     lowers = list(args.paths[:-1])
+    if args.store is not None:
+        if args.image is not None:
+            raise OptionError("--store and --image cannot be combined")
+        if not lowers:
+            raise OptionError("mount --store DIR needs an IMAGE and a MOUNTPOINT")
+        lowers = store_layers(args.store, lowers[0]) + lowers[1:]
     if args.image is not None:
         lowers = commands.image_layers(args.image) + lowers
     if not lowers:
@@ -318,7 +361,14 @@ def parse(argv: Sequence[str]) -> tuple[str, Any]:
         whiteout_format=args.whiteout_format,
     )
     _config_from_options(args.options, config)
+    config.data_layers.extend(args.data_layers)
     return "mount", config
+
+
+def store_layers(store: str, image: str) -> list[str]:
+    """The layer directories (base first) of IMAGE in the Docker or containers-storage
+    store at ``store``; StoreError (exit 7) when the store cannot give them."""
+    return find_image(store, image).layers
 
 
 def _parse_overlay_form(argv: Sequence[str]) -> MountConfig:
@@ -353,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionError as error:
         print(f"unionfs: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (MountError, commands.CommandError) as error:
+    except (MountError, commands.CommandError, StoreError) as error:
         print(f"unionfs: {error.message}", file=sys.stderr)
         return error.code
     except KeyboardInterrupt:
@@ -375,11 +425,16 @@ def dispatch(action: str, args: argparse.Namespace) -> int:
     if action == "diff":
         return commands.diff(args.source, args.output, args.lower)
     if action == "run":
-        if not args.command_line and args.image is None:
+        if not args.command_line and (args.image is None or args.store is not None):
             raise OptionError(f"run: no command: {RUN_HINT}")
-        return commands.run(
-            args.layers, args.command_line, args.upper, args.image, workdir=args.workdir
-        )
+        layers = args.layers
+        if args.store is not None:
+            if args.image is not None:
+                raise OptionError("--store and --image cannot be combined")
+            if not layers:
+                raise OptionError(f"run --store DIR needs an IMAGE: {RUN_HINT}")
+            layers = store_layers(args.store, layers[0]) + layers[1:]
+        return commands.run(layers, args.command_line, args.upper, args.image, workdir=args.workdir)
     if action == "check":
-        return commands.check(args.upper, args.workdir, args.lower, args.repair)
+        return commands.check(args.upper, args.workdir, args.lower, args.repair, args.data_layers)
     raise OptionError(f"unknown command {action}")

@@ -79,6 +79,8 @@ def status(mountpoint: str | None) -> int:
         for index, layer in enumerate(lowers):
             role = "  (base)" if index == 0 else "  (top)" if index == len(lowers) - 1 else ""
             print(f"  lower {index}: {layer}{role}")
+        for index, layer in enumerate(document.get("data_layers", [])):
+            print(f"  data-only {index}: {layer}")
         if upper:
             print(f"  upper:   {upper}  ({_tree_size(upper) // 1024} KiB)")
         else:
@@ -270,7 +272,13 @@ def run(
         raise CommandError(error.exit_code, str(error)) from None
 
 
-def check(upper: str, workdir: str | None, lowers: list[str], repair: bool) -> int:
+def check(
+    upper: str,
+    workdir: str | None,
+    lowers: list[str],
+    repair: bool,
+    data_layers: list[str] | None = None,
+) -> int:
     """Verify (and with ``repair`` fix) an upper layer offline; 0 when it is clean."""
     from unionfs import check as checker
 
@@ -286,6 +294,7 @@ def check(upper: str, workdir: str | None, lowers: list[str], repair: bool) -> i
             Path(workdir) if workdir else None,
             [Path(layer) for layer in lowers] or None,
             repair=repair,
+            data_layers=[Path(layer) for layer in data_layers or []],
         )
     except OSError as error:
         raise CommandError(EXIT_LAYER, f"cannot check {upper}: {error.strerror}") from None

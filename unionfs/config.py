@@ -26,6 +26,10 @@ class MountConfig:
     debug: bool = False
     log_file: str | None = None
     whiteout_format: str = "overlay"  # or "oci"
+    # Data-only lower layers (the kernel's lowerdir=A::DATA, datadir+=DATA; --data-layer), in
+    # search order: never listed nor looked up, only read as the data of metacopy files whose
+    # absolute overlay.redirect finds no data in the regular lowers.
+    data_layers: list[str] = field(default_factory=list)
     # Options for libfuse and the kernel (allow_other, suid, nodev, noexec, ...), in the order
     # given: where two contradict (suid, nosuid) the last one wins (options.fuse_mount_options).
     fuse_options: list[str] = field(default_factory=list)

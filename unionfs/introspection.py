@@ -52,6 +52,7 @@ def status_document(operations: Operations) -> dict[str, Any]:
         "pid": os.getpid(),
         "mountpoint": os.path.abspath(config.mountpoint),
         "lowers": [os.path.abspath(layer) for layer in config.lowers],
+        "data_layers": [os.path.abspath(layer) for layer in config.data_layers],
         "upper": os.path.abspath(config.upper) if config.upper else None,
         "workdir": os.path.abspath(config.workdir) if config.workdir else None,
         "writable": config.writable,

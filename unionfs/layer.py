@@ -51,7 +51,7 @@ class Layer:
         self.path = path
         self.index = index
         self.writable = writable
-        self.root_fd = safeio.open_root(path)
+        self.root_fd = safeio.open_root(path) if writable else safeio.open_lower_root(path)
         self.device = os.fstat(self.root_fd).st_dev
         self._fds: OrderedDict[RelPath, int] = OrderedDict()
         self._listings: OrderedDict[RelPath, Listing] = OrderedDict()
@@ -73,7 +73,10 @@ class Layer:
             self._fds.move_to_end(path)
             return fd
         parent_fd = self.dir_fd(path[:-1])
-        fd = safeio.open_dir(parent_fd, path[-1])
+        if self.writable:
+            fd = safeio.open_dir(parent_fd, path[-1])
+        else:  # lower layers are never changed, not even their atimes
+            fd = safeio.open_lower_dir(parent_fd, path[-1])
         self._fds[path] = fd
         if len(self._fds) > MAX_CACHED_FDS:
             _, old = self._fds.popitem(last=False)

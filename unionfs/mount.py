@@ -138,6 +138,12 @@ def validate(config: MountConfig) -> None:
             raise MountError(EXIT_LAYER, f"directory {layer} is given twice")
         seen[real] = layer
         resolved_lowers.append(real)
+    for layer in config.data_layers:
+        real = _check_directory(layer, "data layer")
+        if real in seen:
+            raise MountError(EXIT_LAYER, f"directory {layer} is given twice")
+        seen[real] = layer
+        resolved_lowers.append(real)
     if config.upper is not None:
         if not os.path.exists(config.upper):
             try:
@@ -188,6 +194,7 @@ def validate(config: MountConfig) -> None:
 def _absolute_paths(config: MountConfig) -> None:
     """The daemon works from ``/``: every path it keeps must not depend on the caller's cwd."""
     config.lowers = [os.path.abspath(layer) for layer in config.lowers]
+    config.data_layers = [os.path.abspath(layer) for layer in config.data_layers]
     config.mountpoint = os.path.abspath(config.mountpoint)
     if config.upper is not None:
         config.upper = os.path.abspath(config.upper)
@@ -291,7 +298,7 @@ def _check_mountpoint(config: MountConfig) -> None:
             raise MountError(EXIT_PERMISSION, f"mountpoint {path}: permission denied") from None
     if os.geteuid() != 0 and not os.access(path, os.W_OK):
         raise MountError(EXIT_PERMISSION, f"mountpoint {path}: no write access")
-    lowers = [os.path.realpath(layer) for layer in config.lowers]
+    lowers = [os.path.realpath(layer) for layer in [*config.lowers, *config.data_layers]]
     for layer in [*lowers, *(os.path.realpath(p) for p in (config.upper, config.workdir) if p)]:
         if _inside(real, layer) or _inside(layer, real):
             raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} overlaps {layer}")
@@ -339,6 +346,10 @@ def _open_layers(config: MountConfig, clones: DetachedTrees) -> Prepared:
     for path in reversed(config.lowers):
         layers.append(_layer(clones.layer(path), path, index, writable=False))
         index += 1
+    data_layers: list[Layer] = []
+    for path in config.data_layers:
+        data_layers.append(_layer(clones.layer(path), path, index, writable=False))
+        index += 1
     work = None
     if config.upper is not None and work_path is not None and config.writable:
         work = WorkDir(work_path, layers[0].device, userxattr=config.userxattr)
@@ -347,7 +358,7 @@ def _open_layers(config: MountConfig, clones: DetachedTrees) -> Prepared:
             work.mark_volatile(os.path.realpath(config.mountpoint))
     if config.upper is not None and not config.writable:
         layers[0].writable = False
-    tree = MergedTree(layers)
+    tree = MergedTree(layers, data_layers)
     if work is not None and work.index_fd is not None and config.index:
         tree.index = HardLinkIndex(os.dup(work.index_fd), work.xattr_prefix)
     return Prepared(tree, work)

@@ -272,7 +272,9 @@ class Operations(pyfuse3.Operations):
         attributes = entry_attributes(st, node.ino, nlink, self.timeout)
         if node.metacopy and node.data is not None:
             data = node.data  # the top object is all hole: show the data's allocation
-            attributes.st_blocks = data.layer.lstat(data.path).st_blocks
+            found = data.layer.try_lstat(data.path)  # (None: in no data-only layer, see stack)
+            if found is not None:
+                attributes.st_blocks = found.st_blocks
         if not self.ids.identity:
             attributes.st_uid, attributes.st_gid = self.ids.shown(st.st_uid, st.st_gid)
         return attributes

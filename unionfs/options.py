@@ -115,7 +115,6 @@ REFUSED: dict[str, str] = {
     "bind": "bind is not a unionfs option (mount --bind the merged directory instead)",
     "rbind": "rbind is not a unionfs option (mount --rbind the merged directory instead)",
     "move": "move is not a unionfs option (use mount --move)",
-    "datadir+": "datadir+= (data-only lower layers) is not supported",
     **{
         name: f"{name} is a propagation flag: use mount --make-{name} after mounting"
         for name in (
@@ -134,6 +133,7 @@ REFUSED: dict[str, str] = {
 VALUED = {
     "lowerdir",
     "lowerdir+",
+    "datadir+",
     "upperdir",
     "workdir",
     "uidmapping",
@@ -189,6 +189,25 @@ def split_options(text: str) -> list[str]:
     return [part for part in parts if part]
 
 
+def split_lowerdir(value: str) -> tuple[list[str], list[str]]:
+    """``lowerdir=TOP:...:BASE[::DATA1[::DATA2...]]`` -> (regular layers top first, data-only
+    layers in search order). As in the kernel (Linux 6.5+): every layer after the first ``::``
+    is data-only, at least one regular layer comes before it."""
+    regular_text, separator, data_text = value.partition("::")
+    regular = [layer for layer in regular_text.split(":") if layer]
+    data = [layer for layer in data_text.split(":") if layer]
+    if not regular:
+        raise OptionError(
+            "lowerdir is empty"
+            if not separator
+            else "lowerdir: a data-only layer (after ::) "
+            "needs at least one regular lower layer before it"
+        )
+    if separator and not data:
+        raise OptionError("lowerdir: nothing after :: (want TOP:...:BASE::DATA)")
+    return regular, data
+
+
 def parse_id_mapping(text: str) -> list[IdMapping]:
     """``ON_DISK:SHOWN:COUNT[:ON_DISK:SHOWN:COUNT...]`` as fuse-overlayfs reads it: empty fields
     are skipped (podman 4.3 passes ``:0:200000:65536``, with a leading colon)."""
@@ -237,6 +256,7 @@ def apply_options(config: MountConfig, options: list[str]) -> None:
     """Fold ``-o`` options into ``config`` (lowerdir lists layers top first, like the kernel).
     Raises OptionError for an option that is refused or malformed."""
     added_lowers: list[str] = []
+    added_data: list[str] = []
     for option in options:
         key, has_value, value = option.partition("=")
         if key in VALUED and not has_value and key not in VALUE_OPTIONAL:
@@ -248,7 +268,15 @@ def apply_options(config: MountConfig, options: list[str]) -> None:
         if key in NO_EFFECT or key.startswith("x-"):
             _note(config, option, NO_EFFECT.get(key, FSTAB_REASON))
             continue
-        if key in VALUED:
+        if key == "datadir+":
+            if not value:
+                raise OptionError("datadir+= is empty")
+            if not added_lowers:
+                raise OptionError("datadir+= must follow a lowerdir+= (as in the kernel)")
+            added_data.append(value)
+        elif key in VALUED:
+            if key == "lowerdir+" and added_data:
+                raise OptionError("lowerdir+= after datadir+=: data-only layers come last")
             _apply_valued(config, key, value, option, added_lowers)
         elif key in KERNEL_FLAGS or key in FUSE_MOUNT:
             if key == "ro":
@@ -265,6 +293,7 @@ def apply_options(config: MountConfig, options: list[str]) -> None:
         if config.lowers:
             raise OptionError("lowerdir= and lowerdir+= cannot be combined")
         config.lowers = list(reversed(added_lowers))
+        config.data_layers = added_data
     if not config.redirect_dir and config.metacopy:
         if config.metacopy_given:
             raise OptionError("metacopy=on needs redirect_dir=on (as in kernel overlayfs)")
@@ -281,10 +310,9 @@ def _apply_valued(
     config: MountConfig, key: str, value: str, option: str, added_lowers: list[str]
 ) -> None:
     if key == "lowerdir":
-        layers = [layer for layer in value.split(":") if layer]
-        if not layers:
-            raise OptionError("lowerdir is empty")
-        config.lowers = list(reversed(layers))
+        regular, data = split_lowerdir(value)
+        config.lowers = list(reversed(regular))
+        config.data_layers = data
     elif key == "lowerdir+":
         if not value:
             raise OptionError("lowerdir+= is empty")

@@ -67,6 +67,23 @@ def open_root(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+def open_lower_root(path: str) -> int:
+    """Open a lower layer's root directory with ``O_NOATIME`` where permitted (listing it
+    then leaves its atime alone, as every lower directory opened by ``open_lower_dir``)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:
+        return open_root(path)
+
+
+def open_lower_dir(dir_fd: int, name: bytes) -> int:
+    """``open_dir`` for a lower layer: ``O_NOATIME`` where permitted."""
+    try:
+        return os.open(check_name(name), DIR_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        return open_dir(dir_fd, name)
+
+
 def open_file(dir_fd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
     """Open ``name`` in ``dir_fd``; a symlink at ``name`` gives ``ELOOP``."""
     return os.open(check_name(name), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)

@@ -14,6 +14,12 @@ child walks those sources (``fs/overlayfs/namei.c``, ``ovl_lookup``; only read t
   the same rules, following each metadata-only file's own redirect (chains several
   generations deep: an upper rotated into the lowers keeps its metacopy files). That chain is
   followed only on demand (``chain``), when a node is made, so a plain lookup reads no xattr.
+- data-only layers (the kernel's ``lowerdir=A::DATA``, Linux 6.5+, the composefs design) are
+  no part of the merged namespace: never listed, never found by a lookup. When a
+  metadata-only chain still has no data after the last regular lower layer and its last
+  redirect was absolute, that path is walked from each data-only layer's root in turn
+  (component by component, no whiteout, opaque or redirect read there, as the kernel's
+  ``ovl_lookup_data_layers``) and the first regular file found holds the data.
 
 Everything here is synchronous and only reads layers.
 """
@@ -94,8 +100,9 @@ class _Search:
 class Stack:
     """The ordered layers (top first: the upper, if any, then lowers top to bottom)."""
 
-    def __init__(self, layers: Sequence[Layer]) -> None:
+    def __init__(self, layers: Sequence[Layer], data_layers: Sequence[Layer] = ()) -> None:
         self.layers = list(layers)
+        self.data_layers = list(data_layers)
         self.upper: Layer | None = layers[0] if layers and layers[0].writable else None
 
     def root_sources(self) -> list[Source]:
@@ -348,7 +355,28 @@ class Stack:
                 rooted = True
                 queue = self._roots_below(source.layer.index)
                 position = 0
+        if metacopy and search.absolute and not search.stop and self.data_layers:
+            return below, self.data_only(search.parts)
         return below, None
+
+    def holds_data(self, source: Source) -> bool:
+        """Whether ``source`` (a chain's data) is really there: always for a regular lower;
+        for a data-only layer, only a regular file (``data_only`` may name a missing one)."""
+        if source.layer not in self.data_layers:
+            return True
+        st = source.layer.try_lstat(source.path)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    def data_only(self, path: RelPath) -> Source:
+        """The first regular file at ``path`` in the data-only layers. The kernel looks them
+        up lazily, at the first open: a file whose data is in none of them still shows, and
+        opening (or copying up) it fails with ENOENT. So when none holds it, the answer is
+        ``path`` in the first data-only layer, where the open fails just so."""
+        for layer in self.data_layers:
+            st = layer.try_lstat(path)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                return Source(layer, path)
+        return Source(self.data_layers[0], path)
 
     def walk(self, path: RelPath) -> list[Source] | None:
         """The merged sources of the directory at ``path`` in this stack's merged namespace

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Sequence
 
 from unionfs import safeio, whiteout
 from unionfs.index import HardLinkIndex
@@ -31,8 +32,8 @@ def check_name_length(name: bytes) -> None:
 
 
 class MergedTree:
-    def __init__(self, layers: list[Layer]) -> None:
-        self.stack = Stack(layers)
+    def __init__(self, layers: list[Layer], data_layers: Sequence[Layer] = ()) -> None:
+        self.stack = Stack(layers, data_layers)
         self.upper: Layer | None = self.stack.upper
         self.origins = Origins()
         self.inodes = InodeTable(self.stack.root_sources(), root_in_upper=self.upper is not None)
@@ -43,7 +44,7 @@ class MergedTree:
         return self.inodes.root
 
     def close(self) -> None:
-        for layer in self.stack.layers:
+        for layer in [*self.stack.layers, *self.stack.data_layers]:
             layer.close()
         if self.index is not None:
             self.index.close()
@@ -359,13 +360,17 @@ class MergedTree:
         parent_fd, name = top.layer.parent_and_name(top.path)
         return safeio.open_lower_file(parent_fd, name)
 
-    @staticmethod
-    def data_source(node: Node) -> Source:
+    def data_source(self, node: Node) -> Source:
         """Where a metadata-only node's data is; EIO when no lower layer has it (the chain
-        of metacopy files and redirects ends nowhere: kernel overlayfs fails the lookup)."""
+        of metacopy files and redirects ends nowhere: kernel overlayfs fails the lookup);
+        ENOENT when its absolute redirect finds no regular file in the data-only layers
+        (the kernel's lazy lookup fails the open so, see ``Stack.data_only``)."""
         if node.data is None:
             raise OSError(errno.EIO, "metadata-only file whose data is in no lower layer")
-        return node.data
+        data = node.data
+        if self.stack.data_layers and not self.stack.holds_data(data):
+            raise FileNotFoundError(errno.ENOENT, "data in no data-only layer")
+        return data
 
     def readlink(self, node: Node) -> bytes:
         if not stat.S_ISLNK(node.kind):

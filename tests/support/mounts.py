@@ -568,8 +568,10 @@ def overlay_mounted(
     upper: Path | None = None,
     workdir: Path | None = None,
     options: Sequence[str] = ("redirect_dir=on", "index=on"),
+    data_layers: Sequence[Path] = (),
 ) -> Iterator[Path]:
     """Mount kernel overlayfs (root only); read-only when ``upper`` is None. Unmount on exit.
+    ``data_layers``: data-only lower layers (``lowerdir=TOP:...:BASE::DATA1::DATA2``, 6.5+).
 
     Layers are given base first, as everywhere in the tests; the kernel's ``lowerdir`` lists them
     top first. Without an upper, the kernel wants two lowers: a single lower gets an empty one
@@ -586,7 +588,9 @@ def overlay_mounted(
                 tempfile.TemporaryDirectory(prefix=".empty-lower-", dir=mountpoint.parent)
             )
             lowers.insert(0, Path(empty))
-        mount_options = ["lowerdir=" + ":".join(_check_overlay_path(p) for p in reversed(lowers))]
+        lowerdir = ":".join(_check_overlay_path(p) for p in reversed(lowers))
+        lowerdir += "".join("::" + _check_overlay_path(p) for p in data_layers)
+        mount_options = ["lowerdir=" + lowerdir]
         if upper is not None:
             if workdir is None:
                 raise ValueError("kernel overlayfs needs a workdir with an upper")

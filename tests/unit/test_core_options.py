@@ -184,3 +184,40 @@ def test_cli_overlay_form_needs_lowerdir() -> None:
 
 def test_cli_umount() -> None:
     assert parse(["umount", "/m"]) == ("umount", "/m")
+
+
+@pytest.mark.parametrize(
+    ("lowerdir", "lowers", "data"),
+    [
+        ("/a:/b::/c::/d", ["/b", "/a"], ["/c", "/d"]),  # the kernel's example
+        ("/a::/c", ["/a"], ["/c"]),
+        ("/a::/c:/d", ["/a"], ["/c", "/d"]),  # every layer after the first :: is data-only
+        ("/a:/b", ["/b", "/a"], []),
+    ],
+)
+def test_data_only_layers_after_double_colon(
+    lowerdir: str, lowers: list[str], data: list[str]
+) -> None:
+    config = config_of(f"lowerdir={lowerdir}")
+    assert (config.lowers, config.data_layers) == (lowers, data)
+
+
+def test_lowerdir_plus_and_datadir_plus() -> None:
+    config = config_of("lowerdir+=/top", "lowerdir+=/base", "datadir+=/d1", "datadir+=/d2")
+    assert (config.lowers, config.data_layers) == (["/base", "/top"], ["/d1", "/d2"])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("lowerdir=::/c",),  # no regular layer before ::
+        ("lowerdir=/a::",),  # nothing after ::
+        ("datadir+=/d",),  # datadir+ needs a lowerdir+ first
+        ("lowerdir+=/a", "datadir+=/d", "lowerdir+=/b"),  # data-only layers come last
+        ("lowerdir+=/a", "datadir+="),
+    ],
+)
+def test_bad_data_only_layers_are_refused(options: tuple[str, ...]) -> None:
+    with pytest.raises(OptionError) as refused:
+        config_of(*options)
+    assert "\n" not in str(refused.value) and str(refused.value)
