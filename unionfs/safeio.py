@@ -312,9 +312,10 @@ def is_whiteout_device(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def remove_tree(dir_fd: int, name: bytes) -> None:
+def remove_tree(dir_fd: int, name: bytes, *, make_writable: bool = False) -> None:
     """Remove ``name`` (a file or a whole directory tree) below ``dir_fd``, never following
-    symlinks: each level is opened ``O_NOFOLLOW`` relative to its parent."""
+    symlinks: each level is opened ``O_NOFOLLOW`` relative to its parent. ``make_writable``:
+    directories are made writable first (an unpacked image's 0555 directories)."""
     st = try_lstat(dir_fd, name)
     if st is None:
         return
@@ -323,8 +324,10 @@ def remove_tree(dir_fd: int, name: bytes) -> None:
         return
     child_fd = open_dir(dir_fd, name)
     try:
+        if make_writable:
+            os.fchmod(child_fd, 0o700)
         for child, _kind in list_dir(child_fd):
-            remove_tree(child_fd, child)
+            remove_tree(child_fd, child, make_writable=make_writable)
     finally:
         os.close(child_fd)
     os.rmdir(check_name(name), dir_fd=dir_fd)
