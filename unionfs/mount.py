@@ -18,7 +18,6 @@ import ctypes
 import gc
 import logging
 import os
-import re
 import shutil
 import signal
 import stat
@@ -33,21 +32,23 @@ import trio
 from unionfs import fusefeatures, options
 from unionfs.config import MountConfig
 from unionfs.detached import DetachedTrees
+from unionfs.exitcodes import (
+    EXIT_FAILURE,
+    EXIT_FUSE,
+    EXIT_LAYER,
+    EXIT_MOUNTPOINT,
+    EXIT_PERMISSION,
+    EXIT_USAGE,
+)
 from unionfs.index import HardLinkIndex
 from unionfs.layer import Layer
+from unionfs.mountinfo import mount_table, mounted_paths
 from unionfs.operations import Operations
 from unionfs.tree import MergedTree
 from unionfs.watch import Watcher
 from unionfs.workdir import WorkDir, volatile_marker, volatile_owner
 
 log = logging.getLogger(__name__)
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_LAYER = 3
-EXIT_MOUNTPOINT = 4
-EXIT_PERMISSION = 5
-EXIT_FUSE = 6
 
 SUBTYPE = "unionfs-py"  # the type in /proc/mounts is fuse.unionfs-py (unionfs-fuse's: fuse.unionfs)
 FSTYPE = "fuse." + SUBTYPE
@@ -64,39 +65,6 @@ class MountError(Exception):
 class Prepared:
     tree: MergedTree
     work: WorkDir | None
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    mountpoint: str  # unescaped
-    device: str  # major:minor
-    fstype: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as ``\\ooo`` octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
-
-
-def mount_table() -> list[MountEntry]:
-    """/proc/self/mountinfo, read without touching any mount (a stat of our own mount from
-    the daemon before it serves would wait for ourselves)."""
-    entries: list[MountEntry] = []
-    with (
-        contextlib.suppress(OSError),
-        open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table,
-    ):
-        for line in table:
-            before, _, after = line.partition(" - ")
-            fields = before.split()
-            if len(fields) > 4 and after:
-                entries.append(MountEntry(_unescape(fields[4]), fields[2], after.split()[0]))
-    return entries
-
-
-def mounted_paths() -> set[str]:
-    """Mount points this process can see."""
-    return {entry.mountpoint for entry in mount_table()}
 
 
 def _inside(path: str, ancestor: str) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from unionfs import whiteout
+from unionfs.exitcodes import EXIT_LAYER
 
 
 class Reader(Protocol):
@@ -61,7 +62,7 @@ MEMBER_ERRNOS = frozenset(
 class ImageError(Exception):
     """A broken or unusable image, layer or upper. The CLI prints it on one line, exit 3."""
 
-    exit_code = 3
+    exit_code = EXIT_LAYER
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))  # always one line
