@@ -11,9 +11,29 @@ import unionfs
 PACKAGE = Path(unionfs.__file__).parent
 FUSE_AWARE = {"operations", "mount", "attrs", "fuseconn", "fusefeatures"}
 # Lower modules never import higher ones (a module may import any module listed after it).
-ORDER = ["cli", "commands", "mount", "operations", "fuseconn", "fusefeatures", "introspection",
-         "watch", "refresh", "mutations", "copyup", "tree", "index", "origin", "inodes",
-         "stack", "layer", "workdir", "quota", "safeio", "whiteout"]
+ORDER = [
+    "cli",
+    "commands",
+    "mount",
+    "operations",
+    "fuseconn",
+    "fusefeatures",
+    "introspection",
+    "watch",
+    "refresh",
+    "mutations",
+    "copyup",
+    "tree",
+    "index",
+    "origin",
+    "inodes",
+    "stack",
+    "layer",
+    "workdir",
+    "quota",
+    "safeio",
+    "whiteout",
+]
 
 
 def imports(module: str) -> set[str]:
@@ -26,8 +46,9 @@ def imports(module: str) -> set[str]:
             if node.module == "unionfs":
                 found.update(f"unionfs.{alias.name}" for alias in node.names)
             else:
-                found.add(node.module if node.module.startswith("unionfs.")
-                          else node.module.split(".")[0])
+                found.add(
+                    node.module if node.module.startswith("unionfs.") else node.module.split(".")[0]
+                )
     return found
 
 
