@@ -54,12 +54,12 @@ def apply_metadata(fd: int, st: os.stat_result) -> None:
 def apply_path_metadata(dir_fd: int, name: bytes, st: os.stat_result, *, symlink: bool) -> None:
     owner_kept = True
     try:
-        os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+        safeio.chown(dir_fd, name, st.st_uid, st.st_gid)
     except PermissionError:
         owner_kept = False
     if not symlink:
         mode = _mode_for_copy(st, owner_kept=owner_kept)
-        os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)
+        safeio.chmod(dir_fd, name, mode)
 
 
 class CopyUp:
@@ -112,7 +112,7 @@ class CopyUp:
         if self.quota is not None:
             self.quota.require(self.quota.block, 1)
         temp = self.work.temp_name()
-        os.mkdir(temp, 0o700, dir_fd=self.work.fd)
+        safeio.mkdir(self.work.fd, temp, 0o700)
         self._finish_in_work(temp, source_fd, source_name, st, parent_fd, name, origin)
         if self.quota is not None:
             self.quota.charge_new(parent_fd, name)
@@ -138,12 +138,7 @@ class CopyUp:
             if origin is not None:
                 self._set_origin(self.work.fd, temp, origin)
             apply_path_metadata(self.work.fd, temp, st, symlink=stat.S_ISLNK(st.st_mode))
-            os.utime(
-                temp,
-                ns=(st.st_atime_ns, st.st_mtime_ns),
-                dir_fd=self.work.fd,
-                follow_symlinks=False,
-            )
+            safeio.set_times(self.work.fd, temp, (st.st_atime_ns, st.st_mtime_ns))
             safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_NOREPLACE)
         except BaseException:
             safeio.remove_tree(self.work.fd, temp)
@@ -281,13 +276,7 @@ class CopyUp:
         self.ensure_dir(parent)
         source_fd, source_name = self.tree.upper_object(node)
         parent_fd = self.upper.dir_fd(merged_path(parent))
-        os.link(
-            source_name,
-            name,
-            src_dir_fd=source_fd,
-            dst_dir_fd=parent_fd,
-            follow_symlinks=False,
-        )
+        safeio.link(source_fd, source_name, parent_fd, name)
         node.links[(parent, name)] = True
         self.upper.note_entry(merged_path(parent), name, node.kind)
         self.tree.consume_lower_link(node)
@@ -382,9 +371,7 @@ class CopyUp:
         ``indexed``)."""
         temp = self.work.temp_name()
         try:
-            target_fd = os.open(
-                b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self.work.fd
-            )
+            target_fd = safeio.open_tmpfile(self.work.fd, os.O_RDWR | os.O_CLOEXEC)
             anonymous = True
         except OSError as error:
             if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
@@ -401,24 +388,18 @@ class CopyUp:
                 os.ftruncate(target_fd, size)
             safeio.copy_xattrs(meta_fd, meta_name, target_fd, None, keep=whiteout.is_copied_xattr)
             for record, value in private.items():
-                os.setxattr(target_fd, self.prefix + record, value)
+                safeio.set_xattr(target_fd, None, self.prefix + record, value)
             index = self.tree.index if indexed is not None else None
             if index is not None and indexed is not None:
                 index.mark(target_fd, indexed[1])
             apply_metadata(target_fd, meta_st)
-            os.utime(target_fd, ns=(meta_st.st_atime_ns, meta_st.st_mtime_ns))
+            safeio.set_times(target_fd, None, (meta_st.st_atime_ns, meta_st.st_mtime_ns))
             if index is not None and indexed is not None:
                 entry = index.add(
                     indexed[0], (target_fd, None) if anonymous else (self.work.fd, temp)
                 )
                 named = False
-                os.link(
-                    entry,
-                    name,
-                    src_dir_fd=index.fd,
-                    dst_dir_fd=parent_fd,
-                    follow_symlinks=False,
-                )
+                safeio.link(index.fd, entry, parent_fd, name)
             elif anonymous and not replace:
                 safeio.link_tmpfile(target_fd, parent_fd, name)
             else:
@@ -431,7 +412,7 @@ class CopyUp:
         except BaseException:
             if named:
                 with contextlib.suppress(OSError):
-                    os.unlink(temp, dir_fd=self.work.fd)
+                    safeio.unlink(self.work.fd, temp)
             raise
         finally:
             os.close(target_fd)
@@ -462,7 +443,7 @@ class CopyUp:
     ) -> None:
         temp = self.work.temp_name()
         if stat.S_ISLNK(st.st_mode):
-            os.symlink(safeio.readlink(source_dir_fd, source_name), temp, dir_fd=self.work.fd)
+            safeio.symlink(safeio.readlink(source_dir_fd, source_name), self.work.fd, temp)
         else:
-            os.mknod(temp, st.st_mode, st.st_rdev, dir_fd=self.work.fd)
+            safeio.mknod(self.work.fd, temp, st.st_mode, st.st_rdev)
         self._finish_in_work(temp, source_dir_fd, source_name, st, parent_fd, name, origin)

@@ -81,7 +81,7 @@ class Mutations:
         self.whiteouts_made += 1
         if not self.oci_whiteouts:
             try:
-                os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dir_fd)
+                safeio.mknod(dir_fd, name, stat.S_IFCHR | 0o000, 0)
                 return
             except PermissionError:
                 pass  # no whiteout devices for us here: fall back to the OCI form
@@ -94,7 +94,7 @@ class Mutations:
         if len(whiteout.oci_whiteout_name(name)) > 255:
             return  # no such name can exist (test_rename_to_a_255_byte_name)
         try:
-            os.unlink(whiteout.oci_whiteout_name(name), dir_fd=dir_fd)
+            safeio.unlink(dir_fd, whiteout.oci_whiteout_name(name))
         except FileNotFoundError:
             pass
 
@@ -147,9 +147,9 @@ class Mutations:
             return
         with contextlib.suppress(PermissionError):
             if isinstance(target, int):
-                os.chown(target, uid, gid)
+                safeio.chown(target, None, uid, gid)
             else:
-                os.chown(target, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                safeio.chown(dir_fd, target, uid, gid)
 
     def _require_absent(self, parent: Node, name: bytes) -> None:
         _refuse_hidden_name(name)
@@ -191,7 +191,7 @@ class Mutations:
         self._require_absent(parent, name)
 
         def make(dir_fd: int, target: bytes) -> None:
-            os.mkdir(target, stat.S_IMODE(mode), dir_fd=dir_fd)
+            safeio.mkdir(dir_fd, target, stat.S_IMODE(mode))
             self._chown_new(dir_fd, target, uid, gid)
 
         self._place(parent, name, make, kind=stat.S_IFDIR)
@@ -203,7 +203,7 @@ class Mutations:
         self._require_absent(parent, name)
 
         def make(dir_fd: int, target: bytes) -> None:
-            os.mknod(target, mode, rdev, dir_fd=dir_fd)
+            safeio.mknod(dir_fd, target, mode, rdev)
             self._chown_new(dir_fd, target, uid, gid)
 
         self._place(parent, name, make, kind=stat.S_IFMT(mode))
@@ -215,7 +215,7 @@ class Mutations:
         self._require_absent(parent, name)
 
         def make(dir_fd: int, link_name: bytes) -> None:
-            os.symlink(target, link_name, dir_fd=dir_fd)
+            safeio.symlink(target, dir_fd, link_name)
             self._chown_new(dir_fd, link_name, uid, gid)
 
         self._place(parent, name, make, kind=stat.S_IFLNK)
@@ -229,13 +229,7 @@ class Mutations:
         source_fd, source_name = self.tree.upper_object(node)
 
         def make(dir_fd: int, target: bytes) -> None:
-            os.link(
-                source_name,
-                target,
-                src_dir_fd=source_fd,
-                dst_dir_fd=dir_fd,
-                follow_symlinks=False,
-            )
+            safeio.link(source_fd, source_name, dir_fd, target)
 
         self._place(parent, name, make, kind=node.kind)
         node.links[(parent, name)] = True
@@ -264,7 +258,7 @@ class Mutations:
             if resolved.has_lower:
                 self._replace_with_whiteout(parent_fd, name, is_dir=False)
             else:
-                os.unlink(name, dir_fd=parent_fd)
+                safeio.unlink(parent_fd, name)
             if upper_st.st_nlink <= 1:
                 self.tree.inodes.drop_key((upper_st.st_dev, upper_st.st_ino), node)
                 if not any(
@@ -330,7 +324,7 @@ class Mutations:
             safeio.remove_tree(self.work.fd, temp)
             return
         try:
-            os.mknod(temp, stat.S_IFCHR, 0, dir_fd=self.work.fd)
+            safeio.mknod(self.work.fd, temp, stat.S_IFCHR, 0)
         except PermissionError:
             safeio.renameat2(parent_fd, name, self.work.fd, temp)
             self._make_whiteout(parent_fd, name)
@@ -372,7 +366,7 @@ class Mutations:
         """Remove an upper directory that is empty in the merged view (it may still hold
         whiteouts): at once when it is empty on disk, else hidden first, then cleaned."""
         try:
-            os.rmdir(name, dir_fd=parent_fd)
+            safeio.rmdir(parent_fd, name)
             return
         except OSError as error:
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
@@ -467,7 +461,7 @@ class Mutations:
             if source_resolved.has_lower:
                 self.whiteouts_made += 1  # the exchanged whiteout now hides the old name
             else:
-                os.unlink(old_name, dir_fd=old_fd)
+                safeio.unlink(old_fd, old_name)
         elif source_resolved.has_lower:
             self._rename_leaving_whiteout(old_fd, old_name, new_fd, new_name)
         else:

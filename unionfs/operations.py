@@ -444,7 +444,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         layer = self.tree.upper if self.tree.upper is not None else self.tree.stack.layers[0]
-        info = os.statvfs(layer.root_fd)
+        info = os.fstatvfs(layer.root_fd)
         data = pyfuse3.StatvfsData()
         for field in (
             "f_bsize",
@@ -984,8 +984,6 @@ class Operations(pyfuse3.Operations):
         fields: pyfuse3.SetattrFields,
         fh: int | None,
     ) -> None:
-        target: Any = dir_fd if name is None else name
-        at: dict[str, Any] = {} if name is None else {"dir_fd": dir_fd, "follow_symlinks": False}
         if fields.update_size:
             handle = self.handles.files.get(fh) if fh is not None else None
             if handle is not None and handle.writable:
@@ -1000,13 +998,13 @@ class Operations(pyfuse3.Operations):
                     os.close(fd)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
-            self.ids.chown(target, uid, attr.st_gid if fields.update_gid else -1, **at)
+            self.ids.chown(dir_fd, name, uid, attr.st_gid if fields.update_gid else -1)
         if fields.update_mode:
             if stat.S_ISLNK(node.kind):
                 raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
-            os.chmod(target, stat.S_IMODE(attr.st_mode), **at)
+            safeio.chmod(dir_fd, name, stat.S_IMODE(attr.st_mode))
         if fields.update_atime or fields.update_mtime:
             current = self.tree.stat(node)
             atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
-            os.utime(target, ns=(atime, mtime), **at)
+            safeio.set_times(dir_fd, name, (atime, mtime))

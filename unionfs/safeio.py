@@ -370,3 +370,64 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         number = ctypes.get_errno()
         raise OSError(number, os.strerror(number))
+
+
+# Making and changing objects: a ``name`` is one component below ``dir_fd``; ``None`` means
+# ``dir_fd`` itself (an open object). Nothing follows a symlink.
+
+
+def mkdir(dir_fd: int, name: bytes, mode: int) -> None:
+    os.mkdir(check_name(name), mode, dir_fd=dir_fd)
+
+
+def mknod(dir_fd: int, name: bytes, mode: int, device: int = 0) -> None:
+    os.mknod(check_name(name), mode, device, dir_fd=dir_fd)
+
+
+def symlink(target: bytes, dir_fd: int, name: bytes) -> None:
+    os.symlink(target, check_name(name), dir_fd=dir_fd)
+
+
+def link(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes) -> None:
+    os.link(
+        check_name(old),
+        check_name(new),
+        src_dir_fd=old_dir_fd,
+        dst_dir_fd=new_dir_fd,
+        follow_symlinks=False,
+    )
+
+
+def unlink(dir_fd: int, name: bytes) -> None:
+    os.unlink(check_name(name), dir_fd=dir_fd)
+
+
+def rmdir(dir_fd: int, name: bytes) -> None:
+    os.rmdir(check_name(name), dir_fd=dir_fd)
+
+
+def open_tmpfile(dir_fd: int, flags: int, mode: int = 0o600) -> int:
+    """An unnamed file in directory ``dir_fd`` (``O_TMPFILE``; link it with link_tmpfile)."""
+    return os.open(b".", os.O_TMPFILE | flags, mode, dir_fd=dir_fd)
+
+
+def chown(dir_fd: int, name: bytes | None, uid: int, gid: int) -> None:
+    if name is None:
+        os.chown(dir_fd, uid, gid)
+    else:
+        os.chown(check_name(name), uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def chmod(dir_fd: int, name: bytes | None, mode: int) -> None:
+    if name is None:
+        os.chmod(dir_fd, mode)
+    else:
+        os.chmod(check_name(name), mode, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def set_times(dir_fd: int, name: bytes | None, ns: tuple[int, int]) -> None:
+    """atime and mtime in nanoseconds."""
+    if name is None:
+        os.utime(dir_fd, ns=ns)
+    else:
+        os.utime(check_name(name), ns=ns, dir_fd=dir_fd, follow_symlinks=False)
