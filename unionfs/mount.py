@@ -30,6 +30,7 @@ import pyfuse3
 import trio
 
 from unionfs import fusefeatures, options
+from unionfs.assembly import Union, open_union
 from unionfs.config import MountConfig
 from unionfs.detached import DetachedTrees
 from unionfs.exitcodes import (
@@ -40,13 +41,10 @@ from unionfs.exitcodes import (
     EXIT_PERMISSION,
     EXIT_USAGE,
 )
-from unionfs.index import HardLinkIndex
-from unionfs.layer import Layer
 from unionfs.mountinfo import mount_table, mounted_paths
 from unionfs.operations import Operations
-from unionfs.tree import MergedTree
 from unionfs.watch import Watcher
-from unionfs.workdir import WorkDir, volatile_marker, volatile_owner
+from unionfs.workdir import volatile_marker, volatile_owner
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +57,6 @@ class MountError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass
-class Prepared:
-    tree: MergedTree
-    work: WorkDir | None
 
 
 def _inside(path: str, ancestor: str) -> bool:
@@ -291,7 +283,7 @@ def _check_fuse() -> None:
         raise MountError(EXIT_FUSE, "fusermount3 not found (install the fuse3 package)")
 
 
-def prepare(config: MountConfig) -> Prepared:
+def prepare(config: MountConfig) -> Union:
     """Open every layer (top first: upper, then lowers top to bottom), through detached
     clones of their mounts where allowed (see ``detached``)."""
     os.umask(0)
@@ -302,40 +294,8 @@ def prepare(config: MountConfig) -> Prepared:
         clones.close()  # the layers' own fds keep the clones they use alive
 
 
-def _open_layers(config: MountConfig, clones: DetachedTrees) -> Prepared:
-    layers: list[Layer] = []
-    index = 0
-    upper_path, work_path = config.upper, config.workdir
-    if upper_path is not None and work_path is not None:
-        upper_path, work_path = clones.upper_and_work(upper_path, work_path)
-    if config.upper is not None and upper_path is not None:
-        layers.append(_layer(upper_path, config.upper, index, writable=config.writable))
-        index += 1
-    for path in reversed(config.lowers):
-        layers.append(_layer(clones.layer(path), path, index, writable=False))
-        index += 1
-    data_layers: list[Layer] = []
-    for path in config.data_layers:
-        data_layers.append(_layer(clones.layer(path), path, index, writable=False))
-        index += 1
-    work = None
-    if config.upper is not None and work_path is not None and config.writable:
-        work = WorkDir(work_path, layers[0].device, userxattr=config.userxattr)
-        work.path = config.workdir or work_path
-        if config.volatile:
-            work.mark_volatile(os.path.realpath(config.mountpoint))
-    if config.upper is not None and not config.writable:
-        layers[0].writable = False
-    tree = MergedTree(layers, data_layers)
-    if work is not None and work.index_fd is not None and config.index:
-        tree.index = HardLinkIndex(os.dup(work.index_fd), work.xattr_prefix)
-    return Prepared(tree, work)
-
-
-def _layer(open_path: str, shown_path: str, index: int, *, writable: bool) -> Layer:
-    layer = Layer(open_path, index, writable=writable)
-    layer.path = shown_path  # what status and which show: the user's path, not the clone's
-    return layer
+def _open_layers(config: MountConfig, clones: DetachedTrees) -> Union:
+    return open_union(config, upper_and_work=clones.upper_and_work, lower_path=clones.layer)
 
 
 def fuse_options(config: MountConfig) -> list[str]:
@@ -441,10 +401,10 @@ def raise_read_ahead(real_mountpoint: str) -> None:
         log.debug("read-ahead left at the default: %s", error)
 
 
-def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> int:
+def serve(config: MountConfig, prepared: Union, on_ready: object = None) -> int:
     """Mount and serve until unmounted or signalled. Returns an exit status."""
     try:
-        operations = Operations(prepared.tree, config, prepared.work)
+        operations = Operations(prepared, config)
     except OSError as error:
         raise MountError(EXIT_LAYER, f"cannot prepare the upper's quota: {error}") from None
     # The daemon allocates many short-lived objects per request and makes little cyclic
@@ -482,7 +442,7 @@ def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> i
 
 
 def release_layers(
-    operations: Operations, prepared: Prepared, *, volatile_clean: bool = False
+    operations: Operations, prepared: Union, *, volatile_clean: bool = False
 ) -> None:
     """Close every fd the mount holds on its layers (open files, directories, layer roots).
     After a clean end of a volatile mount, sync the upper's filesystem and remove the volatile
@@ -501,9 +461,7 @@ def release_layers(
                 log.info("volatile mount ended cleanly: upper synced, mark removed")
         except OSError as error:
             log.warning("volatile mark kept: %s", error)
-    prepared.tree.close()
-    if prepared.work is not None:
-        prepared.work.close()
+    prepared.close()
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

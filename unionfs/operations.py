@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 
 from unionfs import fuseconn, fusefeatures, introspection, refresh, safeio, whiteout
+from unionfs.assembly import Union, writers
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
 from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp
@@ -42,9 +43,7 @@ from unionfs.inodes import Node, link_path
 from unionfs.mutations import Mutations
 from unionfs.quota import Quota, lstat_upper
 from unionfs.safeio import RelPath
-from unionfs.tree import MergedTree
 from unionfs.watch import Watcher
-from unionfs.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +182,9 @@ class Operations(pyfuse3.Operations):
     init_want = fusefeatures.FUSE_CAP_CACHE_SYMLINKS
     init_clear = fusefeatures.FUSE_CAP_ATOMIC_O_TRUNC
 
-    def __init__(self, tree: MergedTree, config: MountConfig, work: WorkDir | None) -> None:
+    def __init__(self, union: Union, config: MountConfig) -> None:
         super().__init__()
-        self.tree = tree
+        self.tree = union.tree
         self.config = config
         self.enable_writeback_cache = config.writeback  # read by pyfuse3 at INIT
         self.enable_acl = config.posix_acl  # read by pyfuse3 at INIT
@@ -197,16 +196,10 @@ class Operations(pyfuse3.Operations):
         self.ids = IdMapper(config)
         self.mutations: Mutations | None = None
         self.copyup: CopyUp | None = None
-        if tree.upper is not None and work is not None and config.writable:
-            self.copyup = CopyUp(tree, tree.upper, work, run_in_thread, metacopy=config.metacopy)
-            self.mutations = Mutations(
-                tree,
-                tree.upper,
-                work,
-                self.copyup,
-                oci_whiteouts=config.whiteout_format == "oci",
-                redirect_dir=config.redirect_dir,
-            )
+        tree, work = union.tree, union.work
+        opened = writers(union, config, run_in_thread)
+        if opened is not None:
+            self.copyup, self.mutations = opened
         self.quota: Quota | None = None
         if self.copyup is not None and work is not None and tree.upper is not None:
             self.quota = Quota.open(

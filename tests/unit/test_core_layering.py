@@ -22,7 +22,7 @@ ORDER = [
     "run", "oci", "check", "imagestore",
     # the mount lifecycle and the FUSE adapter
     "mount", "detached", "options", "operations", "attrs", "fuseconn", "fusefeatures",
-    "introspection", "handles", "watch", "refresh",
+    "introspection", "handles", "watch", "refresh", "assembly",
     # the union: writes, copy-up, the merged tree and its parts
     "mutations", "copyup", "tree", "index", "origin", "inodes", "stack", "layer", "workdir",
     "idmap", "config", "quota",
