@@ -12,6 +12,7 @@ at once; big files are copied in a worker thread so other requests keep being se
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import os
 import stat
@@ -26,7 +27,17 @@ from unionfs.tree import MergedTree
 from unionfs.workdir import WorkDir
 
 THREAD_THRESHOLD = 1 << 20  # files bigger than this are copied off the event loop
-FULL, METADATA, EMPTY = "full", "metadata", "empty"  # what a copy-up must bring up
+
+
+class CopyUpMode(enum.Enum):
+    """What a copy-up must bring up."""
+
+    FULL = "full"  # the data (a write, an open for writing)
+    METADATA = "metadata"  # metadata only when allowed (chmod/chown/utimes/xattrs/rename)
+    EMPTY = "empty"  # no data: the caller truncates to zero next
+
+
+FULL, METADATA, EMPTY = CopyUpMode.FULL, CopyUpMode.METADATA, CopyUpMode.EMPTY
 RunInThread = Callable[[Callable[[], int]], Awaitable[int]]
 Indexed = tuple[bytes, int]  # (origin record, merged link count minus the upper count)
 
@@ -153,7 +164,7 @@ class CopyUp:
                 raise
 
     async def ensure_file(
-        self, node: Node, *, data: str = FULL, via: tuple[Node, bytes] | None = None
+        self, node: Node, *, data: CopyUpMode = FULL, via: tuple[Node, bytes] | None = None
     ) -> None:
         """Make sure a non-directory has an upper object.
 

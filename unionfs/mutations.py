@@ -18,7 +18,7 @@ import stat
 from collections.abc import Callable
 
 from unionfs import safeio, whiteout
-from unionfs.copyup import FULL, METADATA, CopyUp
+from unionfs.copyup import FULL, METADATA, CopyUp, CopyUpMode
 from unionfs.inodes import Node, link_path, merged_path
 from unionfs.layer import Layer
 from unionfs.safeio import RelPath
@@ -600,7 +600,7 @@ class Mutations:
         return False
 
     # attributes ----------------------------------------------------------------------
-    async def prepare_change(self, node: Node, data: str = METADATA) -> None:
+    async def prepare_change(self, node: Node, data: CopyUpMode = METADATA) -> None:
         """Copy ``node`` up before changing it (see ``CopyUp.ensure_file`` for ``data``)."""
         await self.copyup.ensure_file(node, data=data)
 

@@ -36,7 +36,7 @@ from unionfs import fuseconn, fusefeatures, introspection, refresh, safeio, whit
 from unionfs.assembly import Union, writers
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
-from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp
+from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp, CopyUpMode
 from unionfs.handles import DirHandle, FileHandle, HandleTable, Listings
 from unionfs.idmap import IdMapper
 from unionfs.inodes import Node, link_path
@@ -290,7 +290,7 @@ class Operations(pyfuse3.Operations):
         return self.tree.inodes[inode]
 
     @staticmethod
-    def _ready(node: Node, data: str) -> bool:
+    def _ready(node: Node, data: CopyUpMode) -> bool:
         """Whether ``prepare_change(node, data)`` has nothing to do (the node is in the upper
         layer with its data): then a change needs no copy-up and no await."""
         if not node.in_upper:
@@ -377,14 +377,14 @@ class Operations(pyfuse3.Operations):
         async with self.lock:
             return work()
 
-    def _changing(self, node: Node, data: str, work: Callable[[], R]) -> Answer[R]:
+    def _changing(self, node: Node, data: CopyUpMode, work: Callable[[], R]) -> Answer[R]:
         """``work()`` after ``prepare_change(node, data)``, under the namespace lock: now if
         the lock is free and nothing needs copying up, else in a coroutine."""
         if not self.lock.locked() and self._ready(node, data):
             return work()
         return self._change_after_lock(node, data, work)
 
-    async def _change_after_lock(self, node: Node, data: str, work: Callable[[], R]) -> R:
+    async def _change_after_lock(self, node: Node, data: CopyUpMode, work: Callable[[], R]) -> R:
         async with self.lock:
             await self._writer().prepare_change(node, data)
             return work()
@@ -921,7 +921,7 @@ class Operations(pyfuse3.Operations):
             return self._attributes(node)
 
     @staticmethod
-    def _setattr_data(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> str:
+    def _setattr_data(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> CopyUpMode:
         if fields.update_size:
             return EMPTY if attr.st_size == 0 else FULL
         return METADATA
