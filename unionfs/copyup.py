@@ -330,7 +330,7 @@ class CopyUp:
         node.generation += 1
         self.copies += 1
 
-    def _require_room(self, node: Node, parent: Node, data: str) -> None:
+    def _require_room(self, node: Node, parent: Node, data: CopyUpMode) -> None:
         """Refuse (EDQUOT) a copy-up of ``node`` whose data (when it brings its data) and
         missing parent directories cannot all fit, before any of them is made."""
         assert self.quota is not None

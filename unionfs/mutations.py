@@ -604,6 +604,27 @@ class Mutations:
         """Copy ``node`` up before changing it (see ``CopyUp.ensure_file`` for ``data``)."""
         await self.copyup.ensure_file(node, data=data)
 
+    @staticmethod
+    def stored_xattr(shown: str, *, removing: bool = False) -> str:
+        """Where xattr ``shown`` is stored in the upper; bookkeeping cannot be set (EPERM)
+        and, never being shown, is never there to remove (ENODATA)."""
+        stored = whiteout.stored_xattr_name(shown)
+        if stored is None:
+            if removing:
+                raise OSError(errno.ENODATA, "private attribute")
+            raise OSError(errno.EPERM, "private attribute")
+        return stored
+
+    def set_xattr(self, node: Node, stored: str, value: bytes) -> None:
+        """Set an xattr on the node's upper object (after ``prepare_change``)."""
+        dir_fd, entry = self.upper_location(node)
+        safeio.set_xattr(dir_fd, entry, stored, value)
+
+    def remove_xattr(self, node: Node, stored: str) -> None:
+        """Remove an xattr from the node's upper object (after ``prepare_change``)."""
+        dir_fd, entry = self.upper_location(node)
+        safeio.remove_xattr(dir_fd, entry, stored)
+
     def upper_location(self, node: Node) -> tuple[int, bytes | None]:
         if node.ino == self.tree.root.ino:
             return self.upper.root_fd, None

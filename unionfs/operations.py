@@ -32,7 +32,7 @@ from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar, cast
 import pyfuse3
 import trio
 
-from unionfs import fuseconn, fusefeatures, introspection, refresh, safeio, whiteout
+from unionfs import fuseconn, fusefeatures, introspection, refresh, safeio
 from unionfs.assembly import Union, writers
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
@@ -513,21 +513,12 @@ class Operations(pyfuse3.Operations):
         if attribute.startswith(introspection.PREFIX):
             return introspection.answer(self, self._node(inode), attribute)
         self._xattrs_enabled()
-        stored = whiteout.stored_xattr_name(attribute)
-        if stored is None:
-            raise OSError(errno.ENODATA, "private")
-        dir_fd, entry = self.tree.top_location(self._node(inode))
-        value = safeio.get_xattr(dir_fd, entry, stored)
-        if value is None:
-            raise OSError(errno.ENODATA, "no such attribute")
-        return value
+        return self.tree.get_xattr(self._node(inode), attribute)
 
     @boundary
     def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._xattrs_enabled()
-        dir_fd, entry = self.tree.top_location(self._node(inode))
-        shown = (whiteout.shown_xattr_name(stored) for stored in safeio.list_xattrs(dir_fd, entry))
-        return [os.fsencode(name) for name in shown if name is not None]
+        return [os.fsencode(name) for name in self.tree.list_xattrs(self._node(inode))]
 
     @boundary
     def setxattr(
@@ -536,16 +527,14 @@ class Operations(pyfuse3.Operations):
         attribute = os.fsdecode(name)
         self._xattrs_enabled()
         writer = self._writer()
-        stored = whiteout.stored_xattr_name(attribute)
-        if stored is None or attribute.startswith(introspection.PREFIX):
+        if attribute.startswith(introspection.PREFIX):
             raise OSError(errno.EPERM, "private attribute")
+        stored = writer.stored_xattr(attribute)
         node = self._node(inode)
 
         def change() -> None:
             dir_fd, entry = writer.upper_location(node)
-            self._counted_xattr(
-                dir_fd, entry, lambda: safeio.set_xattr(dir_fd, entry, stored, value)
-            )
+            self._counted_xattr(dir_fd, entry, lambda: writer.set_xattr(node, stored, value))
 
         return self._changing(node, METADATA, change)
 
@@ -554,31 +543,23 @@ class Operations(pyfuse3.Operations):
         attribute = os.fsdecode(name)
         self._xattrs_enabled()
         writer = self._writer()
-        stored = whiteout.stored_xattr_name(attribute)
-        if stored is None:
-            raise OSError(errno.ENODATA, "private attribute")
+        stored = writer.stored_xattr(attribute, removing=True)
         node = self._node(inode)
-
-        def exists() -> None:
-            dir_fd, entry = self.tree.top_location(node)
-            if safeio.get_xattr(dir_fd, entry, stored) is None:
-                raise OSError(errno.ENODATA, "no such attribute")
-
         if not self.lock.locked() and self._ready(node, METADATA):
-            exists()
+            self.tree.get_xattr(node, attribute)  # ENODATA when absent
             dir_fd, entry = writer.upper_location(node)
-            self._counted_xattr(dir_fd, entry, lambda: safeio.remove_xattr(dir_fd, entry, stored))
+            self._counted_xattr(dir_fd, entry, lambda: writer.remove_xattr(node, stored))
             return None
-        return self._remove_xattr_after_lock(writer, node, stored, exists)
+        return self._remove_xattr_after_lock(writer, node, attribute, stored)
 
     async def _remove_xattr_after_lock(
-        self, writer: Mutations, node: Node, stored: str, exists: Callable[[], None]
+        self, writer: Mutations, node: Node, attribute: str, stored: str
     ) -> None:
         async with self.lock:
-            exists()  # before copying up: a missing attribute changes nothing
+            self.tree.get_xattr(node, attribute)  # before copying up: absent changes nothing
             await writer.prepare_change(node, METADATA)
             dir_fd, entry = writer.upper_location(node)
-            self._counted_xattr(dir_fd, entry, lambda: safeio.remove_xattr(dir_fd, entry, stored))
+            self._counted_xattr(dir_fd, entry, lambda: writer.remove_xattr(node, stored))
 
     # files ---------------------------------------------------------------------------
     @boundary

@@ -379,6 +379,25 @@ class MergedTree:
         assert name is not None  # only the root has no name, and it is a directory
         return safeio.readlink(parent_fd, name)
 
+    def get_xattr(self, node: Node, shown: str) -> bytes:
+        """The value of xattr ``shown`` (its name in the merged view) on the node's top
+        object; ENODATA when absent or overlay bookkeeping."""
+        stored = whiteout.stored_xattr_name(shown)
+        if stored is None:
+            raise OSError(errno.ENODATA, "private")
+        dir_fd, entry = self.top_location(node)
+        value = safeio.get_xattr(dir_fd, entry, stored)
+        if value is None:
+            raise OSError(errno.ENODATA, "no such attribute")
+        return value
+
+    def list_xattrs(self, node: Node) -> list[str]:
+        """The node's xattrs as the merged view shows them (bookkeeping hidden, escaped
+        ones unescaped)."""
+        dir_fd, entry = self.top_location(node)
+        shown = (whiteout.shown_xattr_name(stored) for stored in safeio.list_xattrs(dir_fd, entry))
+        return [name for name in shown if name is not None]
+
     def top_location(self, node: Node) -> tuple[int, bytes | None]:
         """(directory fd, name) reaching the node's top object; name None means the fd
         itself (the root of a layer)."""
