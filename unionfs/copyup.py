@@ -226,7 +226,7 @@ class CopyUp:
                 indexed=indexed,
             )
             if metacopy and not node.metacopy:
-                node.data = source
+                node.set_data(metacopy=node.metacopy, data=source)
         else:
             if self.quota is not None:
                 self.quota.require(st.st_blocks * 512, 1)
@@ -234,15 +234,12 @@ class CopyUp:
             self._copy_special(source_dir_fd, source_name, st, parent_fd, name, origin)
         if self.quota is not None:
             self.quota.charge_new(parent_fd, name)
-        node.metacopy = metacopy
-        if not metacopy:
-            node.data = None
+        node.set_data(metacopy=metacopy, data=node.data if metacopy else None)
         if indexed is not None:
-            node.index_name = whiteout.index_name(indexed[0])
-            node.link_difference = indexed[1]
+            node.set_index(whiteout.index_name(indexed[0]), indexed[1])
         self._adopt_upper(node, parent, name, parent_fd)
         self.tree.consume_lower_link(node)
-        node.generation += 1
+        node.new_generation()
         self.copies += 1
 
     def _origin_of(self, node: Node, dir_fd: int, name: bytes, st: os.stat_result) -> bytes | None:
@@ -288,7 +285,7 @@ class CopyUp:
         source_fd, source_name = self.tree.upper_object(node)
         parent_fd = self.upper.dir_fd(merged_path(parent))
         safeio.link(source_fd, source_name, parent_fd, name)
-        node.links[(parent, name)] = True
+        node.add_link(parent, name, in_upper=True)
         self.upper.note_entry(merged_path(parent), name, node.kind)
         self.tree.consume_lower_link(node)
 
@@ -324,10 +321,9 @@ class CopyUp:
         if self.quota is not None:
             self.quota.add((safeio.lstat(parent_fd, name).st_blocks - old.st_blocks) * 512)
         self.tree.inodes.drop_key((old.st_dev, old.st_ino), node)
-        node.metacopy = False
-        node.data = None
+        node.set_data(metacopy=False, data=None)
         self._adopt_upper(node, *node.upper_link_or_fail(), parent_fd)
-        node.generation += 1
+        node.new_generation()
         self.copies += 1
 
     def _require_room(self, node: Node, parent: Node, data: CopyUpMode) -> None:
@@ -358,8 +354,7 @@ class CopyUp:
     def _adopt_upper(self, node: Node, parent: Node, name: bytes, parent_fd: int) -> None:
         st = safeio.lstat(parent_fd, name)
         self.tree.inodes.alias((st.st_dev, st.st_ino), node)
-        node.in_upper = True
-        node.links[(parent, name)] = True
+        node.copied_up(parent, name)
         self.upper.note_entry(merged_path(parent), name, node.kind)
 
     async def _write_regular(

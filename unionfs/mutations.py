@@ -232,7 +232,7 @@ class Mutations:
             safeio.link(source_fd, source_name, dir_fd, target)
 
         self._place(parent, name, make, kind=node.kind)
-        node.links[(parent, name)] = True
+        node.add_link(parent, name, in_upper=True)
         return node, self.tree.stat(node)
 
     # removal -------------------------------------------------------------------------
@@ -264,11 +264,11 @@ class Mutations:
                 if not any(
                     in_upper for link, in_upper in node.links.items() if link != (parent, name)
                 ):
-                    node.in_upper = False
+                    node.set_in_upper(False)
         else:
             self._make_whiteout(parent_fd, name)
             self.tree.consume_lower_link(node)
-        node.links.pop((parent, name), None)
+        node.drop_link(parent, name)
         self.tree.release_index_entry(node)
         if not node.links and not node.in_upper:
             self._forget_lower_when_gone(node)
@@ -280,7 +280,7 @@ class Mutations:
         """A file with no name left keeps its lower data only while other lower names of it
         may still show it."""
         if node.is_dir or node.lower_links_consumed >= node.lower_nlink:
-            node.lower = []
+            node.set_lower([])
 
     async def _record_lower_hard_link(self, node: Node) -> bool:
         """Before a lower name of a file with several names goes (unlink, or replaced by a
@@ -356,9 +356,7 @@ class Mutations:
             self._make_whiteout(parent_fd, name)
         # Empty in the merged view: below it the upper holds whiteouts at most, no directories.
         self.upper.forget_dir(path)
-        node.links.clear()
-        node.in_upper = False
-        node.lower = []
+        node.forget_layers(names=True)
         self._note_removal(parent, name, whiteout_left=resolved.has_lower or not resolved.in_upper)
         return node
 
@@ -471,11 +469,11 @@ class Mutations:
         if replaced_st is not None and target is not None and replaced_st.st_nlink <= 1:
             self.tree.inodes.drop_key((replaced_st.st_dev, replaced_st.st_ino), target)
         if target is not None:
-            target.links.pop((new_parent, new_name), None)
+            target.drop_link(new_parent, new_name)
             if target_below:
                 self.tree.consume_lower_link(target)
             if target.is_dir or (not any(target.links.values()) and target.index_name is None):
-                target.in_upper = False
+                target.set_in_upper(False)
             self.tree.release_index_entry(target)
             if not target.links and not target.in_upper:
                 # No name left: an fd still open on it sees the file itself (detached).
@@ -549,7 +547,7 @@ class Mutations:
             parts = self._redirect_path(node, old_parent, old_name) if absolute else (old_name,)
             value = whiteout.encode_redirect(parts) if absolute else old_name
             safeio.set_xattr(dir_fd, old_name, self.redirect_xattr, value)
-            node.redirect = (absolute, parts)
+            node.set_redirect((absolute, parts))
             return
         if not node.is_dir:
             return
@@ -584,8 +582,7 @@ class Mutations:
         if node.is_dir:
             node.set_only_link(new_parent, new_name, in_upper=True)
         else:
-            node.links.pop((old_parent, old_name), None)
-            node.links[(new_parent, new_name)] = True
+            node.move_link((old_parent, old_name), (new_parent, new_name))
 
     @staticmethod
     def _is_ancestor(node: Node, candidate: Node) -> bool:

@@ -283,7 +283,7 @@ class Operations(pyfuse3.Operations):
         return self.ids.stored(ctx.uid, ctx.gid)
 
     def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        node.lookups += 1
+        node.looked_up()
         return self._attributes(node, st)
 
     def _node(self, inode: int) -> Node:
@@ -731,7 +731,7 @@ class Operations(pyfuse3.Operations):
                         token, name, attributes, Listings.offset(generation, position + 1)
                     ):
                         return
-                    child.lookups += 1
+                    child.looked_up()
             position += 1
 
     @boundary

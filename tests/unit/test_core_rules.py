@@ -1,11 +1,13 @@
 """Rules of the code base that hold by test, not by discipline.
 
-``safeio`` is the only module making raw file syscalls on layer contents: every other module
-   reaches layers through it (names relative to a directory fd, never following a symlink).
-   A raw call is one that names a file by path (``os.open``, ``os.stat``, ``os.unlink``,
-   ``os.setxattr``, ``open()``, ...); calls on an fd safeio opened (``os.fstat``,
-   ``os.ftruncate``, ``os.fchmod``) are not. Modules that never touch layer contents say what
-   they touch instead (``ELSEWHERE``); that list is checked to be needed, so it cannot go stale.
+1. ``safeio`` is the only module making raw file syscalls on layer contents: every other
+   module reaches layers through it (names relative to a directory fd, never following a
+   symlink). A raw call is one that names a file by path (``os.open``, ``os.stat``,
+   ``os.unlink``, ``os.setxattr``, ``open()``, ...); calls on an fd safeio opened
+   (``os.fstat``, ``os.ftruncate``, ``os.fchmod``) are not. Modules that never touch layer
+   contents say what they touch instead (``ELSEWHERE``); that list is checked to be needed.
+2. A ``Node``'s state changes only through its named methods in ``unionfs.inodes``.
+(The layering rule is tests/unit/test_core_layering.py.)
 """
 
 from __future__ import annotations
@@ -170,3 +172,102 @@ def test_the_rule_catches_a_raw_call(tmp_path: Path) -> None:
         "os.path.lexists": [6],
         "open": [7],
     }
+
+
+# ---------------------------------------------------------------------------------- Node state
+# A Node (unionfs.inodes) changes only through its named methods, all in inodes.py: no other
+# module assigns a Node field, changes one in place (+=, [...] =) or mutates a field's
+# container (.add, .pop, ...). Found by field name on any object but ``self``; a field name
+# another class shares is listed with that class.
+
+MUTATORS = frozenset(
+    {"add", "discard", "remove", "clear", "pop", "popitem", "update", "append", "extend",
+     "insert", "setdefault"}
+)  # fmt: skip
+OTHER_CLASSES_FIELDS = {
+    ("handles", "generation"): "FileHandle.generation (the node generation a handle read)",
+    ("attrs", "generation"): "pyfuse3.EntryAttributes.generation",
+    ("layer", "redirect"): "Listing.redirect (a directory listing's)",
+    ("options", "metacopy"): "MountConfig.metacopy",
+    ("stack", "metacopy"): "the state of a metacopy chain search",
+}
+
+
+def node_fields() -> set[str]:
+    tree = ast.parse((PACKAGE / "inodes.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Node":
+            return {
+                item.target.id
+                for item in node.body
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+            }
+    raise AssertionError("unionfs.inodes has no class Node")
+
+
+def field_writes(path: Path, fields: set[str]) -> list[tuple[str, int]]:
+    """(field, line) of every write of a field in ``fields`` on an object other than self."""
+
+    def field_of(target: ast.expr) -> str | None:
+        while isinstance(target, ast.Subscript):
+            target = target.value
+        if (
+            isinstance(target, ast.Attribute)
+            and target.attr in fields
+            and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+        ):
+            return target.attr
+        return None
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign | ast.Delete):
+            targets = [node.target] if not isinstance(node, ast.Delete) else node.targets
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in MUTATORS
+        ):
+            targets = [node.func.value]
+        if not targets:
+            continue
+        assert isinstance(node, ast.stmt | ast.expr)
+        for target in targets:
+            for part in ast.walk(target) if isinstance(target, ast.Tuple) else [target]:
+                name = field_of(part) if isinstance(part, ast.expr) else None
+                if name is not None:
+                    found.append((name, node.lineno))
+    return found
+
+
+def test_node_state_changes_only_in_inodes() -> None:
+    fields = node_fields()
+    assert {"lookups", "links", "in_upper", "lower", "metacopy", "open_fds"} <= fields
+    problems = []
+    excused = set()
+    for module, path in modules().items():
+        if module == "inodes":
+            continue
+        for name, line in field_writes(path, fields):
+            if (module, name) in OTHER_CLASSES_FIELDS:
+                excused.add((module, name))
+            else:
+                problems.append(f"{module}:{line}: writes Node.{name} (add a method to Node)")
+    assert not problems, "\n".join(problems)
+    assert excused == set(OTHER_CLASSES_FIELDS), "OTHER_CLASSES_FIELDS lists unused entries"
+
+
+def test_the_node_rule_catches_writes(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def f(node, other):\n    node.lookups += 1\n    node.links[(other, b'x')] = True\n"
+        "    node.open_fds.add(3)\n    self_like = node.in_upper\n    node.looked_up()\n"
+    )
+    assert field_writes(sample, {"lookups", "links", "open_fds", "in_upper"}) == [
+        ("lookups", 2),
+        ("links", 3),
+        ("open_fds", 4),
+    ]
