@@ -16,9 +16,10 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from unionfs import safeio, whiteout
-from unionfs.copyup import FULL, METADATA, CopyUp, CopyUpMode
+from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp, CopyUpMode
 from unionfs.inodes import Node, link_path, merged_path
 from unionfs.layer import Layer
 from unionfs.safeio import RelPath
@@ -27,6 +28,36 @@ from unionfs.tree import MergedTree
 from unionfs.workdir import WorkDir
 
 Maker = Callable[[int, bytes], None]  # build an object named NAME in directory fd
+Chown = Callable[[int, bytes | None, int, int], None]  # (dir fd, name or None, uid, gid)
+
+
+@dataclass(frozen=True)
+class AttrChange:
+    """A SETATTR in plain values: None leaves that attribute as it is."""
+
+    size: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+    @property
+    def copy_up(self) -> CopyUpMode:
+        """What a lower file must bring up first: only metadata, unless the size changes
+        (no data at all when it becomes 0)."""
+        if self.size is not None:
+            return EMPTY if self.size == 0 else FULL
+        return METADATA
+
+    @property
+    def beyond_times(self) -> bool:
+        return (
+            self.size is not None
+            or self.mode is not None
+            or self.uid is not None
+            or self.gid is not None
+        )
 
 
 def _refuse_hidden_name(name: bytes) -> None:
@@ -600,6 +631,46 @@ class Mutations:
     async def prepare_change(self, node: Node, data: CopyUpMode = METADATA) -> None:
         """Copy ``node`` up before changing it (see ``CopyUp.ensure_file`` for ``data``)."""
         await self.copyup.ensure_file(node, data=data)
+
+    def change_attributes(
+        self,
+        node: Node,
+        dir_fd: int,
+        name: bytes | None,
+        change: AttrChange,
+        *,
+        open_fd: int | None,
+        chown: Chown,
+        truncate: Callable[[int, int], None] = os.ftruncate,
+    ) -> None:
+        """Apply ``change`` to the node's upper object (``name`` in ``dir_fd``, or ``dir_fd``
+        itself: an open upper file), after ``prepare_change(node, change.copy_up)``. The size
+        changes through ``open_fd`` when the request came with a writable handle; owners are
+        stored through ``chown`` (the mount's id mapping), sizes set through ``truncate`` (the
+        mount's quota accounting)."""
+        if change.size is not None:
+            if open_fd is not None:
+                truncate(open_fd, change.size)
+            elif name is None:
+                truncate(dir_fd, change.size)  # an open upper file
+            else:
+                fd = safeio.open_file(dir_fd, name, os.O_WRONLY)
+                try:
+                    truncate(fd, change.size)
+                finally:
+                    os.close(fd)
+        if change.uid is not None or change.gid is not None:
+            uid = -1 if change.uid is None else change.uid
+            chown(dir_fd, name, uid, -1 if change.gid is None else change.gid)
+        if change.mode is not None:
+            if stat.S_ISLNK(node.kind):
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
+            safeio.chmod(dir_fd, name, stat.S_IMODE(change.mode))
+        if change.atime_ns is not None or change.mtime_ns is not None:
+            current = self.tree.stat(node)
+            atime = current.st_atime_ns if change.atime_ns is None else change.atime_ns
+            mtime = current.st_mtime_ns if change.mtime_ns is None else change.mtime_ns
+            safeio.set_times(dir_fd, name, (atime, mtime))
 
     @staticmethod
     def stored_xattr(shown: str, *, removing: bool = False) -> str:

@@ -40,7 +40,7 @@ from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp, CopyUpMode
 from unionfs.handles import DirHandle, FileHandle, HandleTable, Listings
 from unionfs.idmap import IdMapper
 from unionfs.inodes import Node, link_path
-from unionfs.mutations import Mutations
+from unionfs.mutations import AttrChange, Mutations
 from unionfs.quota import Quota, lstat_upper
 from unionfs.safeio import RelPath
 from unionfs.watch import Watcher
@@ -873,58 +873,56 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> Answer[pyfuse3.EntryAttributes]:
         writer = self._writer()
+        change = self._attr_change(attr, fields)
         if self.lock.locked():
-            return self._setattr_after_lock(writer, inode, attr, fields, fh)
+            return self._setattr_after_lock(writer, inode, change, fh)
         node = self._node(inode)
         if self._detached(node):
-            return self._setattr_detached(node, attr, fields, fh)
-        if not self._ready(node, self._setattr_data(attr, fields)):
-            return self._setattr_after_lock(writer, inode, attr, fields, fh)
+            return self._setattr_detached(writer, node, change, fh)
+        if not self._ready(node, change.copy_up):
+            return self._setattr_after_lock(writer, inode, change, fh)
         dir_fd, name = writer.upper_location(node)
-        self._apply_setattr(node, dir_fd, name, attr, fields, fh)
+        self._apply_setattr(writer, node, dir_fd, name, change, fh)
         return self._attributes(node)
 
     async def _setattr_after_lock(
-        self,
-        writer: Mutations,
-        inode: int,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-        fh: int | None,
+        self, writer: Mutations, inode: int, change: AttrChange, fh: int | None
     ) -> pyfuse3.EntryAttributes:
         async with self.lock:
             node = self._node(inode)
             if self._detached(node):
-                return self._setattr_detached(node, attr, fields, fh)
-            await writer.prepare_change(node, self._setattr_data(attr, fields))
+                return self._setattr_detached(writer, node, change, fh)
+            await writer.prepare_change(node, change.copy_up)
             dir_fd, name = writer.upper_location(node)
-            self._apply_setattr(node, dir_fd, name, attr, fields, fh)
+            self._apply_setattr(writer, node, dir_fd, name, change, fh)
             return self._attributes(node)
 
     @staticmethod
-    def _setattr_data(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> CopyUpMode:
-        if fields.update_size:
-            return EMPTY if attr.st_size == 0 else FULL
-        return METADATA
+    def _attr_change(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> AttrChange:
+        """SETATTR's arguments as plain values (None: not asked to change)."""
+        return AttrChange(
+            size=attr.st_size if fields.update_size else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
 
     @staticmethod
     def _detached(node: Node) -> bool:
         return not node.in_upper and not node.lower and bool(node.open_fds)
 
     def _setattr_detached(
-        self,
-        node: Node,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-        fh: int | None,
+        self, writer: Mutations, node: Node, change: AttrChange, fh: int | None
     ) -> pyfuse3.EntryAttributes:
         """Unlinked while open (the kernel sets times at close): change the open file itself
         (test_xattrs_of_an_unlinked_open_file). Only through a handle open for writing: that
         fd is an upper file, never a lower one."""
         fd = self._detached_upper_fd(node)
         if fd is not None:
-            self._apply_setattr(node, fd, None, attr, fields, fh)
-        elif fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid:
+            self._apply_setattr(writer, node, fd, None, change, fh)
+        elif change.beyond_times:
             raise OSError(errno.ENOENT, "deleted, and only open for reading")
         # else: times the kernel flushes at close of a deleted lower file: nothing to do
         return self._attributes(node)
@@ -951,34 +949,20 @@ class Operations(pyfuse3.Operations):
 
     def _apply_setattr(
         self,
+        writer: Mutations,
         node: Node,
         dir_fd: int,
         name: bytes | None,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
+        change: AttrChange,
         fh: int | None,
     ) -> None:
-        if fields.update_size:
-            handle = self.handles.files.get(fh) if fh is not None else None
-            if handle is not None and handle.writable:
-                self._truncate(handle.fd, attr.st_size)
-            elif name is None:
-                self._truncate(dir_fd, attr.st_size)  # an open upper file (see setattr)
-            else:
-                fd = safeio.open_file(dir_fd, name, os.O_WRONLY)
-                try:
-                    self._truncate(fd, attr.st_size)
-                finally:
-                    os.close(fd)
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            self.ids.chown(dir_fd, name, uid, attr.st_gid if fields.update_gid else -1)
-        if fields.update_mode:
-            if stat.S_ISLNK(node.kind):
-                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
-            safeio.chmod(dir_fd, name, stat.S_IMODE(attr.st_mode))
-        if fields.update_atime or fields.update_mtime:
-            current = self.tree.stat(node)
-            atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
-            safeio.set_times(dir_fd, name, (atime, mtime))
+        handle = self.handles.files.get(fh) if fh is not None else None
+        writer.change_attributes(
+            node,
+            dir_fd,
+            name,
+            change,
+            open_fd=handle.fd if handle is not None and handle.writable else None,
+            chown=self.ids.chown,
+            truncate=self._truncate,
+        )
