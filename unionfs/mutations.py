@@ -673,6 +673,22 @@ class Mutations:
             safeio.set_times(dir_fd, name, (atime, mtime))
 
     @staticmethod
+    def copy_up_for_open(flags: int) -> CopyUpMode | None:
+        """What an open with ``flags`` needs copied up: nothing for reading (None), no data
+        when it truncates (O_TRUNC arrives only if atomic O_TRUNC could not be turned off;
+        normally the kernel strips it and sends SETATTR(size=0) after the open), else the
+        data."""
+        if not flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            return None
+        return EMPTY if flags & os.O_TRUNC else FULL
+
+    def open_upper(self, node: Node, flags: int) -> int:
+        """Open the node's upper file for writing (after ``prepare_change``); O_TRUNC kept."""
+        dir_fd, name = self.upper_location(node)
+        assert name is not None
+        return safeio.open_file(dir_fd, name, os.O_RDWR | (flags & os.O_TRUNC))
+
+    @staticmethod
     def stored_xattr(shown: str, *, removing: bool = False) -> str:
         """Where xattr ``shown`` is stored in the upper; bookkeeping cannot be set (EPERM)
         and, never being shown, is never there to remove (ENODATA)."""

@@ -36,7 +36,7 @@ from unionfs import fuseconn, fusefeatures, introspection, refresh, safeio
 from unionfs.assembly import Union, writers
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
-from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp, CopyUpMode
+from unionfs.copyup import METADATA, CopyUp, CopyUpMode
 from unionfs.handles import DirHandle, FileHandle, HandleTable, Listings
 from unionfs.idmap import IdMapper
 from unionfs.inodes import Node, link_path
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 Answer: TypeAlias = R | Coroutine[Any, Any, R]  # a plain handler's answer, or its slow path
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 FALLOCATE_MODES = (
     safeio.FALLOC_FL_KEEP_SIZE | safeio.FALLOC_FL_PUNCH_HOLE | (safeio.FALLOC_FL_ZERO_RANGE)
 )
@@ -565,8 +564,8 @@ class Operations(pyfuse3.Operations):
     @boundary
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Answer[pyfuse3.FileInfo]:
         node = self._node(inode)
-        writable = bool(flags & WRITE_FLAGS) or bool(flags & os.O_TRUNC)
-        if not writable:
+        copy_up = Mutations.copy_up_for_open(flags)
+        if copy_up is None:
             fd = self.tree.open_for_read(node)
             number = self.handles.add_file(FileHandle(node, fd, node.generation, False))
             # noflush: closing a read-only file needs no FLUSH round trip (a writable one
@@ -575,18 +574,13 @@ class Operations(pyfuse3.Operations):
                 return pyfuse3.FileInfo(fh=number, keep_cache=True, noflush=True)
             return pyfuse3.FileInfo(fh=number, keep_cache=True)
         writer = self._writer()
-        # O_TRUNC arrives here only if atomic O_TRUNC could not be turned off; normally the
-        # kernel strips it and sends SETATTR(size=0) after the open.
-        truncate = bool(flags & os.O_TRUNC)
 
         def open_upper() -> pyfuse3.FileInfo:
-            dir_fd, name = writer.upper_location(node)
-            assert name is not None
-            fd = safeio.open_file(dir_fd, name, os.O_RDWR | (flags & os.O_TRUNC))
+            fd = writer.open_upper(node, flags)
             number = self.handles.add_file(FileHandle(node, fd, node.generation, True))
             return pyfuse3.FileInfo(fh=number, keep_cache=True)
 
-        return self._changing(node, EMPTY if truncate else FULL, open_upper)
+        return self._changing(node, copy_up, open_upper)
 
     def _current_fd(self, handle: FileHandle) -> int:
         if handle.generation != handle.node.generation and not handle.writable:

@@ -101,6 +101,21 @@ async def test_truncating_open_copies_up_no_data(union: Driver) -> None:
     assert (lower_of(union) / "file").read_text() == "lower file\n"
 
 
+async def test_an_o_trunc_open_copies_up_no_data(union: Driver) -> None:
+    # (O_TRUNC reaches OPEN only when atomic O_TRUNC could not be turned off)
+    fh = await union.open("dir/inner", os.O_WRONLY | os.O_TRUNC)
+    await union.release(fh)
+    assert await union.read("dir/inner") == b""
+    assert (upper_of(union) / "dir" / "inner").stat().st_size == 0
+    assert (lower_of(union) / "dir" / "inner").read_text() == "inner\n"
+
+
+async def test_a_read_only_open_copies_nothing_up(union: Driver) -> None:
+    fh = await union.open("dir/inner", os.O_RDONLY)
+    await union.release(fh)
+    assert not (upper_of(union) / "dir").exists()
+
+
 async def test_copy_up_makes_parents_with_the_lower_modes(make_union: MakeUnion) -> None:
     union = make_union({"a/b/c/f": "f"})
     os.chmod(lower_of(union) / "a" / "b", 0o750)
