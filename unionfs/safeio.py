@@ -431,3 +431,24 @@ def set_times(dir_fd: int, name: bytes | None, ns: tuple[int, int]) -> None:
         os.utime(dir_fd, ns=ns)
     else:
         os.utime(check_name(name), ns=ns, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def open_dir_path(path: str | os.PathLike[str]) -> int:
+    """Open a directory named by a path from the user (an image, a destination), the last
+    component not followed if it is a symlink."""
+    return os.open(path, DIR_FLAGS)
+
+
+def open_below(dir_fd: int, parts: RelPath) -> int:
+    """Open the directory ``parts`` below ``dir_fd`` one component at a time, never
+    following a symlink; the caller closes the fd (a new one even for no ``parts``)."""
+    fd = os.dup(dir_fd)
+    try:
+        for part in parts:
+            child = open_dir(fd, part)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

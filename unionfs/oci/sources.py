@@ -13,7 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from unionfs.oci.common import DIR_FLAGS, ImageError, SkipMember, split_member_name
+from unionfs import safeio
+from unionfs.oci.common import ImageError, SkipMember, split_member_name
+
+
+def _encoded(parts: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple(os.fsencode(part) for part in parts)
 
 
 class Source:
@@ -42,18 +47,17 @@ class Source:
     def has(self, name: str) -> bool:
         if self.tar is None:
             parts = split_member_name(name)
-            fd = os.open(self.path, DIR_FLAGS)
+            root = safeio.open_dir_path(self.path)
             try:
-                for part in parts[:-1]:
-                    new = os.open(part, DIR_FLAGS, dir_fd=fd)
+                fd = safeio.open_below(root, _encoded(parts[:-1]))
+                try:
+                    return stat.S_ISREG(safeio.lstat(fd, os.fsencode(parts[-1])).st_mode)
+                finally:
                     os.close(fd)
-                    fd = new
-                st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
-                return stat.S_ISREG(st.st_mode)
             except OSError:
                 return False
             finally:
-                os.close(fd)
+                os.close(root)
         return name in self.names
 
     @contextlib.contextmanager
@@ -65,17 +69,17 @@ class Source:
         if not parts:
             raise ImageError(f"{self.path}: empty blob reference")
         if self.tar is None:
-            fd = os.open(self.path, DIR_FLAGS)
+            root = safeio.open_dir_path(self.path)
             try:
-                for part in parts[:-1]:
-                    new = os.open(part, DIR_FLAGS, dir_fd=fd)
+                fd = safeio.open_below(root, _encoded(parts[:-1]))
+                try:
+                    file_fd = safeio.open_file(fd, os.fsencode(parts[-1]), os.O_RDONLY)
+                finally:
                     os.close(fd)
-                    fd = new
-                file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as error:
                 raise ImageError(f"{self.path}: cannot open {name}: {error.strerror}") from None
             finally:
-                os.close(fd)
+                os.close(root)
             with os.fdopen(file_fd, "rb") as opened:
                 yield opened
             return

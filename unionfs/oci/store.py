@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from unionfs import safeio
 from unionfs.oci.common import (
     COPY_CHUNK,
-    DIR_FLAGS,
     LAYERS_DIR,
     MANIFEST_MEDIA_TYPE,
     MANIFEST_NAME,
@@ -35,12 +35,12 @@ def _open_dest(dest: Path) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
     """Open (creating) ``dest``; return its fd and the layers/config of an image already there."""
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        fd = os.open(dest, DIR_FLAGS)
+        fd = safeio.open_dir_path(dest)
     except OSError as error:
         raise ImageError(f"{dest}: cannot use as destination: {error.strerror}") from None
     existing: list[dict[str, Any]] = []
     config: dict[str, Any] = {}
-    entries = os.listdir(fd)
+    entries = [os.fsdecode(name) for name, _kind in safeio.list_dir(fd)]
     if entries:
         if MANIFEST_NAME not in entries:
             os.close(fd)
@@ -53,9 +53,9 @@ def _open_dest(dest: Path) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
 
 def _load_manifest(dest: Path) -> dict[str, Any]:
     try:
-        fd = os.open(dest, DIR_FLAGS)
+        fd = safeio.open_dir_path(dest)
         try:
-            mfd = os.open(MANIFEST_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            mfd = safeio.open_file(fd, os.fsencode(MANIFEST_NAME), os.O_RDONLY)
         finally:
             os.close(fd)
         with os.fdopen(mfd, "rb") as f:
@@ -103,17 +103,16 @@ def image_config(dest: Path) -> dict[str, Any]:
 
 def _write_manifest(dest_fd: int, document: dict[str, Any]) -> None:
     data = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
-    tmp = f".{MANIFEST_NAME}.tmp"
+    tmp = os.fsencode(f".{MANIFEST_NAME}.tmp")
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dest_fd)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                 dir_fd=dest_fd)  # fmt: skip
+        safeio.unlink(dest_fd, tmp)
+    fd = safeio.open_file(dest_fd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, MANIFEST_NAME, src_dir_fd=dest_fd, dst_dir_fd=dest_fd)
+    safeio.renameat2(dest_fd, tmp, dest_fd, os.fsencode(MANIFEST_NAME))
 
 
 def import_image(
@@ -160,9 +159,9 @@ def _import_image(
     try:
         refs = _layers_to_import(image, dest, refs, existing, bare=bare)
         with contextlib.suppress(FileExistsError):
-            os.mkdir(LAYERS_DIR, 0o755, dir_fd=dest_fd)
+            safeio.mkdir(dest_fd, os.fsencode(LAYERS_DIR), 0o755)
             made_layers_dir = True
-        layers_fd = os.open(LAYERS_DIR, DIR_FLAGS, dir_fd=dest_fd)
+        layers_fd = safeio.open_dir(dest_fd, os.fsencode(LAYERS_DIR))
         mknod_ok = can_mknod_whiteout(layers_fd)
         new_layers: list[LayerInfo] = []
         bar = Progress(progress, f"import {image.name}")
@@ -208,7 +207,7 @@ def _import_image(
                     remove_entry(layers_fd, name)
         if made_dest or made_layers_dir:
             with contextlib.suppress(OSError):
-                os.rmdir(LAYERS_DIR, dir_fd=dest_fd)  # only when empty now
+                safeio.rmdir(dest_fd, os.fsencode(LAYERS_DIR))  # only when empty now
         if made_dest:
             with contextlib.suppress(OSError):
                 dest.rmdir()
@@ -277,8 +276,8 @@ def _import_layer(
     staging = f".staging-{number}-{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         remove_entry(layers_fd, staging)
-    os.mkdir(staging, 0o755, dir_fd=layers_fd)
-    root_fd = os.open(staging, DIR_FLAGS, dir_fd=layers_fd)
+    safeio.mkdir(layers_fd, os.fsencode(staging), 0o755)
+    root_fd = safeio.open_dir(layers_fd, os.fsencode(staging))
     done = 0
 
     def on_read(n: int) -> None:
@@ -318,7 +317,7 @@ def _import_layer(
         final = f"{number:03d}-{diff_id.split(':', 1)[1][:12]}"
         with contextlib.suppress(FileNotFoundError):
             remove_entry(layers_fd, final)
-        os.rename(staging, final, src_dir_fd=layers_fd, dst_dir_fd=layers_fd)
+        safeio.renameat2(layers_fd, os.fsencode(staging), layers_fd, os.fsencode(final))
         bar.update(f"{label} {human(done)} done", force=True)
         return LayerInfo(
             dest / LAYERS_DIR / final, ref.digest or digest, diff_id,
