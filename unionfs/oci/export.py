@@ -14,7 +14,6 @@ from typing import IO, BinaryIO
 from unionfs import safeio, whiteout
 from unionfs.layer import Layer
 from unionfs.oci.common import (
-    DIR_FLAGS,
     OPAQUE_MARKER,
     WHITEOUT_PREFIX,
     DiffResult,
@@ -58,6 +57,18 @@ def _redirect_of(xattrs: dict[str, bytes]) -> tuple[bool, tuple[str, ...]] | Non
         absolute, parts = parsed
         return absolute, tuple(os.fsdecode(part) for part in parts)
     return None
+
+
+def _names(fd: int) -> list[str]:
+    return sorted(os.fsdecode(name) for name, _kind in safeio.list_dir(fd))
+
+
+def _lstat(fd: int, name: str) -> os.stat_result:
+    return safeio.lstat(fd, os.fsencode(name))
+
+
+def _open_dir(fd: int, name: str) -> int:
+    return safeio.open_dir(fd, os.fsencode(name))
 
 
 def _has(fd: int, name: str) -> bool:
@@ -153,10 +164,9 @@ class _TarExporter:
         ``lower`` is where this directory's lower content lives (its own path unless it or a
         parent was renamed): metadata-only copies find their data below it.
         """
-        names = sorted(os.listdir(fd))
-        for name in names:
+        for name in _names(fd):
             path = f"{prefix}{name}"
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            st = _lstat(fd, name)
             if name == OPAQUE_MARKER:
                 continue  # emitted with its directory
             if safeio.is_whiteout_device(st):
@@ -186,7 +196,7 @@ class _TarExporter:
     ) -> None:
         self.bar.update(f"{self.result.members} entries, {human(self.bytes)}")
         if stat.S_ISDIR(st.st_mode):
-            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+            fd = _open_dir(parent, name)
             try:
                 xattrs = _read_xattrs(fd, None)
                 redirect = _redirect_of(xattrs)
@@ -226,7 +236,7 @@ class _TarExporter:
                 fd = self._metacopy_data(path, name, xattrs, lower, from_lower=from_lower)
                 info.size = os.fstat(fd).st_size
             else:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                fd = safeio.open_file(parent, os.fsencode(name), os.O_RDONLY)
                 info.size = os.fstat(fd).st_size
             with os.fdopen(fd, "rb") as f:
                 try:
@@ -236,7 +246,7 @@ class _TarExporter:
             self.bytes += st.st_size
         elif stat.S_ISLNK(st.st_mode):
             info.type = tarfile.SYMTYPE
-            info.linkname = os.readlink(name, dir_fd=parent)
+            info.linkname = os.fsdecode(safeio.readlink(parent, os.fsencode(name)))
             self.tar.addfile(info)
         elif stat.S_ISFIFO(st.st_mode):
             info.type = tarfile.FIFOTYPE
@@ -304,7 +314,7 @@ class _TarExporter:
             if parent is not None:
                 try:
                     # Anything at the old name (usually the whiteout the rename left) hides it.
-                    os.stat(origin[-1], dir_fd=parent, follow_symlinks=False)
+                    _lstat(parent, origin[-1])
                     upper_has_whiteout = True
                 except FileNotFoundError:
                     upper_has_whiteout = _has(parent, WHITEOUT_PREFIX + origin[-1])
@@ -317,14 +327,7 @@ class _TarExporter:
     upper_fd: int = -1
 
     def _upper_open(self, parts: tuple[str, ...]) -> int:
-        fd = os.dup(self.upper_fd)
-        for part in parts:
-            try:
-                new = os.open(part, DIR_FLAGS, dir_fd=fd)
-            finally:
-                os.close(fd)
-            fd = new
-        return fd
+        return safeio.open_below(self.upper_fd, tuple(os.fsencode(part) for part in parts))
 
     def _merged(self, upper_fd: int | None, origin: tuple[str, ...], path: str) -> None:
         """Emit every child of the merged directory (upper_fd over lowers at ``origin``)."""
@@ -339,7 +342,7 @@ class _TarExporter:
             for index, dfd in enumerate([*layers, *lower_fds]):
                 if index > 0 and upper_opaque:
                     break
-                for name in sorted(os.listdir(dfd)):
+                for name in _names(dfd):
                     if name == OPAQUE_MARKER:
                         continue
                     if name.startswith(WHITEOUT_PREFIX):
@@ -347,7 +350,7 @@ class _TarExporter:
                         continue
                     if name in seen or name in hidden:
                         continue
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    st = _lstat(dfd, name)
                     if safeio.is_whiteout_device(st):
                         hidden.add(name)
                         continue
@@ -359,9 +362,9 @@ class _TarExporter:
             for name, index, mode in sorted(children):
                 dfd = all_fds[index]
                 child_path = f"{path}/{name}"
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                st = _lstat(dfd, name)
                 if stat.S_ISDIR(mode):
-                    cfd = os.open(name, DIR_FLAGS, dir_fd=dfd)
+                    cfd = _open_dir(dfd, name)
                     try:
                         xattrs = _read_xattrs(cfd, None)
                         info = self._info(child_path + "/", st, xattrs)
@@ -395,7 +398,7 @@ def diff_upper(
 ) -> DiffResult:
     """Export ``upper`` as an OCI layer tarball (see the module docstring)."""
     try:
-        upper_fd = os.open(upper, DIR_FLAGS)
+        upper_fd = safeio.open_dir_path(upper)
     except OSError as error:
         raise ImageError(f"{upper}: cannot open upper layer: {error.strerror}") from None
     if gzip is None:
