@@ -92,13 +92,11 @@ ELSEWHERE: dict[str, tuple[frozenset[str], str]] = {
     ),
 }
 
-# Not moved into safeio yet: the OCI annex unpacks layers (extraction) with its own dir-fd
-# relative calls. Listed so the rule holds everywhere else; the test fails once
-# one of these makes no raw call any more (then delete its line).
-NOT_YET = {"oci.extraction"}
-# Merged from the live and store branches after this rule: watch opens layer directories for
-# inotify, imagestore reads a Docker/containers-storage store's metadata and links.
-NOT_YET |= {"watch", "imagestore"}
+# Merged from the live and store branches after this rule was written; their raw calls are
+# still to move into safeio (or to be listed in ELSEWHERE with what they touch): watch opens
+# layer directories for inotify, imagestore reads a Docker/containers-storage store's metadata
+# and links. The test fails once one of these makes no raw call any more (then delete it).
+NOT_YET = {"watch", "imagestore"}
 
 
 def modules() -> dict[str, Path]:

@@ -50,7 +50,6 @@ def exported_xattr_name(stored: str) -> str | None:
     return shown
 
 
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 COPY_CHUNK = 1 << 20
 # Errors that concern one member only (skip it with a warning); anything else aborts the import.
 MEMBER_ERRNOS = frozenset(

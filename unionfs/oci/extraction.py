@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from unionfs import safeio
 from unionfs.oci.common import (
     COPY_CHUNK,
-    DIR_FLAGS,
     MEMBER_ERRNOS,
     OPAQUE_MARKER,
     WHITEOUT_PREFIX,
@@ -25,12 +24,12 @@ from unionfs.oci.common import (
 
 def can_mknod_whiteout(dir_fd: int) -> bool:
     """Whether a 0/0 char device can be created here (root, or unprivileged since Linux 5.8)."""
-    name = f".unionfs-probe-{os.getpid()}"
+    name = b".unionfs-probe-%d" % os.getpid()
     try:
-        os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=dir_fd)
+        safeio.mknod(dir_fd, name, stat.S_IFCHR | 0o600, 0)
     except OSError:
         return False
-    os.unlink(name, dir_fd=dir_fd)
+    safeio.unlink(dir_fd, name)
     return True
 
 
@@ -71,12 +70,12 @@ class LayerWriter:
         try:
             for part in parts[:-1]:
                 try:
-                    new = os.open(part, DIR_FLAGS, dir_fd=fd)
+                    new = safeio.open_dir(fd, os.fsencode(part))
                 except FileNotFoundError:
                     if not create:
                         raise
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    new = os.open(part, DIR_FLAGS, dir_fd=fd)
+                    safeio.mkdir(fd, os.fsencode(part), 0o755)
+                    new = safeio.open_dir(fd, os.fsencode(part))
                 except OSError as error:
                     if error.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise SkipMember(
@@ -135,13 +134,13 @@ class LayerWriter:
                 self._regular(parent, name, member, tar)
             else:
                 if member.issym():
-                    os.symlink(member.linkname, name, dir_fd=parent)
+                    safeio.symlink(os.fsencode(member.linkname), parent, os.fsencode(name))
                 elif member.isfifo():
-                    os.mkfifo(name, 0o600, dir_fd=parent)
+                    safeio.mknod(parent, os.fsencode(name), stat.S_IFIFO | 0o600)
                 else:
                     kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
                     device = os.makedev(member.devmajor, member.devminor)
-                    os.mknod(name, kind | 0o600, device, dir_fd=parent)
+                    safeio.mknod(parent, os.fsencode(name), kind | 0o600, device)
                 self._metadata_by_name(parent, name, member)
             self.extracted.add(parts)
         finally:
@@ -155,10 +154,7 @@ class LayerWriter:
     def _regular(
         self, parent: int, name: str, member: tarfile.TarInfo, tar: tarfile.TarFile
     ) -> None:
-        fd = os.open(
-            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-            dir_fd=parent,
-        )  # fmt: skip
+        fd = safeio.open_file(parent, os.fsencode(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             source = tar.extractfile(member)
             if source is not None:
@@ -190,10 +186,7 @@ class LayerWriter:
             parent = self._open_parent(parts, create=True)
             try:
                 remove_entry(parent, parts[-1])
-                os.link(
-                    target[-1], parts[-1], src_dir_fd=target_parent, dst_dir_fd=parent,
-                    follow_symlinks=False,
-                )  # fmt: skip
+                safeio.link(target_parent, os.fsencode(target[-1]), parent, os.fsencode(parts[-1]))
                 self.extracted.add(parts)
             finally:
                 os.close(parent)
@@ -204,16 +197,13 @@ class LayerWriter:
         parent = self._open_parent(parts, create=True)
         try:
             name = parts[-1]
-            try:
-                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
+            st = safeio.try_lstat(parent, os.fsencode(name))
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 remove_entry(parent, name)
                 st = None
             if st is None:
-                os.mkdir(name, 0o755, dir_fd=parent)
-            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+                safeio.mkdir(parent, os.fsencode(name), 0o755)
+            fd = safeio.open_dir(parent, os.fsencode(name))
             try:
                 self._xattrs(fd, None, member)
             finally:
@@ -229,20 +219,19 @@ class LayerWriter:
         parent = self._open_parent(parts, create=True)
         try:
             try:
-                os.stat(target, dir_fd=parent, follow_symlinks=False)
+                safeio.lstat(parent, os.fsencode(target))
             except FileNotFoundError:
                 pass
             else:
                 # OCI: a whiteout only hides lower layers, never this layer's own entry.
                 return
             if self.mknod_ok:
-                os.mknod(target, stat.S_IFCHR | 0o000, 0, dir_fd=parent)
+                safeio.mknod(parent, os.fsencode(target), stat.S_IFCHR | 0o000, 0)
             else:
                 name = WHITEOUT_PREFIX + target
                 remove_entry(parent, name)
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o000,
-                             dir_fd=parent)  # fmt: skip
-                os.close(fd)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                os.close(safeio.open_file(parent, os.fsencode(name), flags, 0o000))
         finally:
             os.close(parent)
 
@@ -251,15 +240,14 @@ class LayerWriter:
         try:
             for attribute in self.opaque_xattrs:
                 try:
-                    os.setxattr(parent, attribute, b"y")
+                    safeio.set_xattr(parent, None, attribute, b"y")
                     return
                 except OSError as error:
                     if error.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
                         raise
             remove_entry(parent, OPAQUE_MARKER)
-            fd = os.open(OPAQUE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         0o000, dir_fd=parent)  # fmt: skip
-            os.close(fd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            os.close(safeio.open_file(parent, os.fsencode(OPAQUE_MARKER), flags, 0o000))
         finally:
             os.close(parent)
 
@@ -293,7 +281,7 @@ class LayerWriter:
             self._chown(lambda: os.fchown(fd, member.uid, member.gid))
         os.fchmod(fd, member.mode & 0o7777)
         ns = int(member.mtime * 1_000_000_000)
-        os.utime(fd, ns=(ns, ns))
+        safeio.set_times(fd, None, (ns, ns))
 
     def _chown(self, call: Callable[[], None]) -> None:
         # Root in a user namespace cannot give away unmapped ids (EINVAL/EPERM): keep ours.
@@ -307,15 +295,11 @@ class LayerWriter:
     def _metadata_by_name(self, parent: int, name: str, member: tarfile.TarInfo) -> None:
         self._xattrs(parent, name, member)
         if self.is_root:
-            self._chown(
-                lambda: os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
-            )
-        if not member.issym():
-            # Linux cannot chmod without following; ``name`` is the fifo/device we just made
-            # in a directory only this import writes.
-            os.chmod(name, member.mode & 0o7777, dir_fd=parent)
+            self._chown(lambda: safeio.chown(parent, os.fsencode(name), member.uid, member.gid))
+        if not member.issym():  # a symlink has no mode of its own
+            safeio.chmod(parent, os.fsencode(name), member.mode & 0o7777)
         ns = int(member.mtime * 1_000_000_000)
-        os.utime(name, ns=(ns, ns), dir_fd=parent, follow_symlinks=False)
+        safeio.set_times(parent, os.fsencode(name), (ns, ns))
 
     def finish(self) -> None:
         """Directory metadata last, deepest first, so modes like 0555 do not block children."""
@@ -329,7 +313,7 @@ class LayerWriter:
             except (OSError, SkipMember):
                 continue  # replaced by a later member
             try:
-                fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
+                fd = safeio.open_dir(parent, os.fsencode(parts[-1]))
             except OSError:
                 os.close(parent)
                 continue
@@ -338,7 +322,7 @@ class LayerWriter:
                     self._chown(lambda: os.fchown(fd, member.uid, member.gid))  # noqa: B023
                 os.fchmod(fd, member.mode & 0o7777)
                 ns = int(member.mtime * 1_000_000_000)
-                os.utime(fd, ns=(ns, ns))
+                safeio.set_times(fd, None, (ns, ns))
             except OSError as error:
                 self.warn(f"{self.label}: metadata of {member.name!r}: {error.strerror}")
             finally:
