@@ -24,7 +24,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar, cast
@@ -41,6 +40,7 @@ from unionfs.handles import DirHandle, FileHandle, HandleTable, Listings
 from unionfs.idmap import IdMapper
 from unionfs.inodes import Node, link_path
 from unionfs.mutations import AttrChange, Mutations
+from unionfs.permissions import may_access
 from unionfs.quota import Quota, lstat_upper
 from unionfs.safeio import RelPath
 from unionfs.watch import Watcher
@@ -422,16 +422,13 @@ class Operations(pyfuse3.Operations):
     def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         """Only asked without default_permissions: classic owner/group/other bits."""
         shown = self._attributes(self._node(inode))
-        file_mode, uid, gid = shown.st_mode, shown.st_uid, shown.st_gid
-        if ctx.uid == 0:
-            return not (mode & os.X_OK) or bool(file_mode & 0o111) or stat.S_ISDIR(file_mode)
-        if ctx.uid == uid:
-            bits = (file_mode >> 6) & 7
-        elif ctx.gid == gid or gid in pyfuse3.get_sup_groups(ctx.pid):
-            bits = (file_mode >> 3) & 7
-        else:
-            bits = file_mode & 7
-        return (mode & bits) == mode
+        return may_access(
+            shown.st_mode,
+            (shown.st_uid, shown.st_gid),
+            (ctx.uid, ctx.gid),
+            lambda gid: gid in pyfuse3.get_sup_groups(ctx.pid),
+            mode,
+        )
 
     @boundary
     def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
