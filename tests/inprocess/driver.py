@@ -144,7 +144,10 @@ class Driver:
             start = 0
             while True:
                 before = len(listing.entries)
-                await self.call("readdir", inode, fh, start, listing)
+                if self.ops.dir_inode_arguments:
+                    await self.call("readdir", inode, fh, start, listing)
+                else:  # stock pyfuse3: READDIR names the handle only
+                    await self.call("readdir", fh, start, listing)
                 if len(listing.entries) == before:
                     break
                 start = listing.next_id
