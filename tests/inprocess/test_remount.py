@@ -21,13 +21,19 @@ def index_entries(driver: Driver) -> list[str]:
     return os.listdir(Path(driver.config.workdir) / "index")
 
 
-async def test_lower_hard_links_stay_one_file_across_remounts(
-    make_union: MakeUnion, remount: Remount
-) -> None:
+async def copied_up_hard_links(make_union: MakeUnion) -> Driver:
+    """A union whose lower file has two names (h1, h2), written to through h1 (indexed)."""
     union = make_union({"h1": "shared\n"})
     lower = Path(union.config.lowers[0])
     os.link(lower / "h1", lower / "h2")
     await union.write("h1", b"S")
+    return union
+
+
+async def test_lower_hard_links_stay_one_file_across_remounts(
+    make_union: MakeUnion, remount: Remount
+) -> None:
+    union = await copied_up_hard_links(make_union)
     union = remount(union)
     assert await union.read("h2") == b"Shared\n"
     assert await union.inode("h1") == await union.inode("h2")
@@ -38,10 +44,7 @@ async def test_lower_hard_links_stay_one_file_across_remounts(
 async def test_an_indexed_file_without_names_leaves_the_index(
     make_union: MakeUnion, remount: Remount
 ) -> None:
-    union = make_union({"h1": "shared\n"})
-    lower = Path(union.config.lowers[0])
-    os.link(lower / "h1", lower / "h2")
-    await union.write("h1", b"S")
+    union = await copied_up_hard_links(make_union)
     await union.unlink("h1")
     union = remount(union)
     assert (await union.stat("h2")).st_nlink == 1

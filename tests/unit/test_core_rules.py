@@ -15,9 +15,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import unionfs
-
-PACKAGE = Path(unionfs.__file__).parent
+from tests.unit.test_core_layering import PACKAGE, module_files
 
 RAW_OS_CALLS = frozenset(
     {
@@ -99,16 +97,6 @@ ELSEWHERE: dict[str, tuple[frozenset[str], str]] = {
 NOT_YET = {"watch", "imagestore"}
 
 
-def modules() -> dict[str, Path]:
-    found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(PACKAGE).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        found[".".join(parts) or "__init__"] = path
-    return found
-
-
 def raw_calls(path: Path) -> dict[str, list[int]]:
     """Raw file syscalls in ``path``: name (``os.unlink``, ``open``) -> line numbers."""
     found: dict[str, list[int]] = {}
@@ -144,7 +132,7 @@ def raw_calls(path: Path) -> dict[str, list[int]]:
 
 def test_only_safeio_makes_raw_file_syscalls() -> None:
     problems = []
-    for module, path in modules().items():
+    for module, path in module_files().items():
         if module == "safeio" or module in NOT_YET:
             continue
         allowed = ELSEWHERE.get(module, (frozenset[str](), ""))[0]
@@ -155,7 +143,7 @@ def test_only_safeio_makes_raw_file_syscalls() -> None:
 
 
 def test_exceptions_are_still_needed() -> None:
-    table = modules()
+    table = module_files()
     for module, (allowed, _what) in ELSEWHERE.items():
         used = set(raw_calls(table[module]))
         assert allowed <= used, (
@@ -254,7 +242,7 @@ def test_node_state_changes_only_in_inodes() -> None:
     assert {"lookups", "links", "in_upper", "lower", "metacopy", "open_fds"} <= fields
     problems = []
     excused = set()
-    for module, path in modules().items():
+    for module, path in module_files().items():
         if module == "inodes":
             continue
         for name, line in field_writes(path, fields):
