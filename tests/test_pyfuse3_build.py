@@ -62,20 +62,22 @@ def test_every_patched_feature_is_in_use_unless_turned_off(expected: str) -> Non
         assert not fusefeatures.FEATURES
     described = subprocess.run(
         [sys.executable, "-c", "from unionfs import fusefeatures; print(fusefeatures.describe())"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert described == fusefeatures.describe()
     assert ("patched" if expected == "patched" else "stock") in described
 
 
 def test_features_can_be_turned_off_for_measuring(expected: str) -> None:
-    probe = (
-        "from unionfs import fusefeatures; "
-        "print(','.join(sorted(fusefeatures.FEATURES)))"
-    )
+    probe = "from unionfs import fusefeatures; print(','.join(sorted(fusefeatures.FEATURES)))"
     environment = dict(os.environ, UNIONFS_PYFUSE3_DISABLE="main_lean,no_opendir")
     shown = subprocess.run(
-        [sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+        [sys.executable, "-c", probe],
+        env=environment,
+        capture_output=True,
+        text=True,
         check=True,
     ).stdout.strip()
     features = set(shown.split(",")) - {""}
@@ -84,7 +86,10 @@ def test_features_can_be_turned_off_for_measuring(expected: str) -> None:
         assert "fallocate" in features
     environment["UNIONFS_PYFUSE3_DISABLE"] = "all"
     shown = subprocess.run(
-        [sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+        [sys.executable, "-c", probe],
+        env=environment,
+        capture_output=True,
+        text=True,
         check=True,
     ).stdout.strip()
     assert shown == ""

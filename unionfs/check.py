@@ -206,7 +206,7 @@ class _Checker:
                     continue
 
                 def unlink(name: bytes = name, index_fd: int = index_fd) -> None:
-                    os.unlink(name, dir_fd=index_fd)
+                    safeio.unlink(index_fd, name)
 
                 self.problem(
                     "orphan-index",
@@ -353,7 +353,7 @@ class _Checker:
         if target in names:
 
             def remove_whiteout() -> None:
-                os.unlink(name, dir_fd=fd)
+                safeio.unlink(fd, name)
 
             if names[target] == stat.S_IFDIR:
 
@@ -448,7 +448,7 @@ class _Checker:
             def drop_marker() -> None:
                 inner = safeio.open_dir(fd, name)
                 try:
-                    os.unlink(whiteout.OCI_OPAQUE_MARKER, dir_fd=inner)
+                    safeio.unlink(inner, whiteout.OCI_OPAQUE_MARKER)
                 finally:
                     os.close(inner)
 

@@ -20,12 +20,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from unionfs import __version__, commands
+from unionfs import __version__, commands, exitcodes
 from unionfs.config import MountConfig
+from unionfs.exitcodes import EXIT_FAILURE, EXIT_USAGE
 from unionfs.imagestore import StoreError, find_image
 from unionfs.mount import (
-    EXIT_FAILURE,
-    EXIT_USAGE,
     FSTYPE,
     SUBTYPE,
     MountError,
@@ -57,17 +56,7 @@ RUN_USAGE = (
     "[LAYER...] -- COMMAND [ARG...]"
 )
 RUN_HINT = "put -- before the command: " + RUN_USAGE.replace("unionfs run [-h] ", "unionfs run ")
-EXIT_CODES = """exit codes:
-  0  success
-  1  unexpected failure
-  2  usage error
-  3  bad layer, upper or workdir (missing, not a directory, given twice, nested)
-  4  bad mountpoint (missing, not a directory, not empty, already mounted)
-  5  permission denied
-  6  /dev/fuse or fusermount3 unusable
-  7  image store problem (--store: unknown image, ambiguous ID prefix, damaged
-     metadata, missing layer directory, a link pointing outside the store)
-"""
+EXIT_CODES = exitcodes.help_text()
 
 
 class Parser(argparse.ArgumentParser):

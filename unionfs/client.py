@@ -51,7 +51,8 @@ SUBCOMMANDS = (
 OFF = ("0", "off", "no", "false")
 
 EXIT_FAILURE = 1
-"""The same as ``unionfs.mount.EXIT_FAILURE`` (not imported: that module is heavy)."""
+"""``unionfs.exitcodes.ExitCode.FAILURE`` (not imported: ``enum`` is not loaded at start-up;
+tests/unit/test_exitcodes.py keeps them equal)."""
 
 STATUS_KEYS = (
     b"Uid",

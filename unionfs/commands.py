@@ -14,14 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from unionfs import introspection
-from unionfs.mount import (
-    EXIT_FAILURE,
-    EXIT_LAYER,
-    EXIT_MOUNTPOINT,
-    FSTYPE,
-    mount_table,
-    mounted_paths,
-)
+from unionfs.exitcodes import EXIT_FAILURE, EXIT_LAYER, EXIT_MOUNTPOINT
+from unionfs.mount import FSTYPE
+from unionfs.mountinfo import mount_table, mounted_paths
 
 
 class CommandError(Exception):

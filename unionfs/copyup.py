@@ -12,6 +12,7 @@ at once; big files are copied in a worker thread so other requests keep being se
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import os
 import stat
@@ -26,7 +27,17 @@ from unionfs.tree import MergedTree
 from unionfs.workdir import WorkDir
 
 THREAD_THRESHOLD = 1 << 20  # files bigger than this are copied off the event loop
-FULL, METADATA, EMPTY = "full", "metadata", "empty"  # what a copy-up must bring up
+
+
+class CopyUpMode(enum.Enum):
+    """What a copy-up must bring up."""
+
+    FULL = "full"  # the data (a write, an open for writing)
+    METADATA = "metadata"  # metadata only when allowed (chmod/chown/utimes/xattrs/rename)
+    EMPTY = "empty"  # no data: the caller truncates to zero next
+
+
+FULL, METADATA, EMPTY = CopyUpMode.FULL, CopyUpMode.METADATA, CopyUpMode.EMPTY
 RunInThread = Callable[[Callable[[], int]], Awaitable[int]]
 Indexed = tuple[bytes, int]  # (origin record, merged link count minus the upper count)
 
@@ -54,12 +65,12 @@ def apply_metadata(fd: int, st: os.stat_result) -> None:
 def apply_path_metadata(dir_fd: int, name: bytes, st: os.stat_result, *, symlink: bool) -> None:
     owner_kept = True
     try:
-        os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+        safeio.chown(dir_fd, name, st.st_uid, st.st_gid)
     except PermissionError:
         owner_kept = False
     if not symlink:
         mode = _mode_for_copy(st, owner_kept=owner_kept)
-        os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)
+        safeio.chmod(dir_fd, name, mode)
 
 
 class CopyUp:
@@ -112,7 +123,7 @@ class CopyUp:
         if self.quota is not None:
             self.quota.require(self.quota.block, 1)
         temp = self.work.temp_name()
-        os.mkdir(temp, 0o700, dir_fd=self.work.fd)
+        safeio.mkdir(self.work.fd, temp, 0o700)
         self._finish_in_work(temp, source_fd, source_name, st, parent_fd, name, origin)
         if self.quota is not None:
             self.quota.charge_new(parent_fd, name)
@@ -138,12 +149,7 @@ class CopyUp:
             if origin is not None:
                 self._set_origin(self.work.fd, temp, origin)
             apply_path_metadata(self.work.fd, temp, st, symlink=stat.S_ISLNK(st.st_mode))
-            os.utime(
-                temp,
-                ns=(st.st_atime_ns, st.st_mtime_ns),
-                dir_fd=self.work.fd,
-                follow_symlinks=False,
-            )
+            safeio.set_times(self.work.fd, temp, (st.st_atime_ns, st.st_mtime_ns))
             safeio.renameat2(self.work.fd, temp, parent_fd, name, safeio.RENAME_NOREPLACE)
         except BaseException:
             safeio.remove_tree(self.work.fd, temp)
@@ -158,7 +164,7 @@ class CopyUp:
                 raise
 
     async def ensure_file(
-        self, node: Node, *, data: str = FULL, via: tuple[Node, bytes] | None = None
+        self, node: Node, *, data: CopyUpMode = FULL, via: tuple[Node, bytes] | None = None
     ) -> None:
         """Make sure a non-directory has an upper object.
 
@@ -220,7 +226,7 @@ class CopyUp:
                 indexed=indexed,
             )
             if metacopy and not node.metacopy:
-                node.data = source
+                node.set_data(metacopy=node.metacopy, data=source)
         else:
             if self.quota is not None:
                 self.quota.require(st.st_blocks * 512, 1)
@@ -228,15 +234,12 @@ class CopyUp:
             self._copy_special(source_dir_fd, source_name, st, parent_fd, name, origin)
         if self.quota is not None:
             self.quota.charge_new(parent_fd, name)
-        node.metacopy = metacopy
-        if not metacopy:
-            node.data = None
+        node.set_data(metacopy=metacopy, data=node.data if metacopy else None)
         if indexed is not None:
-            node.index_name = whiteout.index_name(indexed[0])
-            node.link_difference = indexed[1]
+            node.set_index(whiteout.index_name(indexed[0]), indexed[1])
         self._adopt_upper(node, parent, name, parent_fd)
         self.tree.consume_lower_link(node)
-        node.generation += 1
+        node.new_generation()
         self.copies += 1
 
     def _origin_of(self, node: Node, dir_fd: int, name: bytes, st: os.stat_result) -> bytes | None:
@@ -281,14 +284,8 @@ class CopyUp:
         self.ensure_dir(parent)
         source_fd, source_name = self.tree.upper_object(node)
         parent_fd = self.upper.dir_fd(merged_path(parent))
-        os.link(
-            source_name,
-            name,
-            src_dir_fd=source_fd,
-            dst_dir_fd=parent_fd,
-            follow_symlinks=False,
-        )
-        node.links[(parent, name)] = True
+        safeio.link(source_fd, source_name, parent_fd, name)
+        node.add_link(parent, name, in_upper=True)
         self.upper.note_entry(merged_path(parent), name, node.kind)
         self.tree.consume_lower_link(node)
 
@@ -324,13 +321,12 @@ class CopyUp:
         if self.quota is not None:
             self.quota.add((safeio.lstat(parent_fd, name).st_blocks - old.st_blocks) * 512)
         self.tree.inodes.drop_key((old.st_dev, old.st_ino), node)
-        node.metacopy = False
-        node.data = None
+        node.set_data(metacopy=False, data=None)
         self._adopt_upper(node, *node.upper_link_or_fail(), parent_fd)
-        node.generation += 1
+        node.new_generation()
         self.copies += 1
 
-    def _require_room(self, node: Node, parent: Node, data: str) -> None:
+    def _require_room(self, node: Node, parent: Node, data: CopyUpMode) -> None:
         """Refuse (EDQUOT) a copy-up of ``node`` whose data (when it brings its data) and
         missing parent directories cannot all fit, before any of them is made."""
         assert self.quota is not None
@@ -358,8 +354,7 @@ class CopyUp:
     def _adopt_upper(self, node: Node, parent: Node, name: bytes, parent_fd: int) -> None:
         st = safeio.lstat(parent_fd, name)
         self.tree.inodes.alias((st.st_dev, st.st_ino), node)
-        node.in_upper = True
-        node.links[(parent, name)] = True
+        node.copied_up(parent, name)
         self.upper.note_entry(merged_path(parent), name, node.kind)
 
     async def _write_regular(
@@ -382,9 +377,7 @@ class CopyUp:
         ``indexed``)."""
         temp = self.work.temp_name()
         try:
-            target_fd = os.open(
-                b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self.work.fd
-            )
+            target_fd = safeio.open_tmpfile(self.work.fd, os.O_RDWR | os.O_CLOEXEC)
             anonymous = True
         except OSError as error:
             if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
@@ -401,24 +394,18 @@ class CopyUp:
                 os.ftruncate(target_fd, size)
             safeio.copy_xattrs(meta_fd, meta_name, target_fd, None, keep=whiteout.is_copied_xattr)
             for record, value in private.items():
-                os.setxattr(target_fd, self.prefix + record, value)
+                safeio.set_xattr(target_fd, None, self.prefix + record, value)
             index = self.tree.index if indexed is not None else None
             if index is not None and indexed is not None:
                 index.mark(target_fd, indexed[1])
             apply_metadata(target_fd, meta_st)
-            os.utime(target_fd, ns=(meta_st.st_atime_ns, meta_st.st_mtime_ns))
+            safeio.set_times(target_fd, None, (meta_st.st_atime_ns, meta_st.st_mtime_ns))
             if index is not None and indexed is not None:
                 entry = index.add(
                     indexed[0], (target_fd, None) if anonymous else (self.work.fd, temp)
                 )
                 named = False
-                os.link(
-                    entry,
-                    name,
-                    src_dir_fd=index.fd,
-                    dst_dir_fd=parent_fd,
-                    follow_symlinks=False,
-                )
+                safeio.link(index.fd, entry, parent_fd, name)
             elif anonymous and not replace:
                 safeio.link_tmpfile(target_fd, parent_fd, name)
             else:
@@ -431,7 +418,7 @@ class CopyUp:
         except BaseException:
             if named:
                 with contextlib.suppress(OSError):
-                    os.unlink(temp, dir_fd=self.work.fd)
+                    safeio.unlink(self.work.fd, temp)
             raise
         finally:
             os.close(target_fd)
@@ -462,7 +449,7 @@ class CopyUp:
     ) -> None:
         temp = self.work.temp_name()
         if stat.S_ISLNK(st.st_mode):
-            os.symlink(safeio.readlink(source_dir_fd, source_name), temp, dir_fd=self.work.fd)
+            safeio.symlink(safeio.readlink(source_dir_fd, source_name), self.work.fd, temp)
         else:
-            os.mknod(temp, st.st_mode, st.st_rdev, dir_fd=self.work.fd)
+            safeio.mknod(self.work.fd, temp, st.st_mode, st.st_rdev)
         self._finish_in_work(temp, source_dir_fd, source_name, st, parent_fd, name, origin)

@@ -23,7 +23,8 @@ import ctypes
 import errno
 import logging
 import os
-import re
+
+from unionfs.mountinfo import mount_points
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +48,6 @@ def open_tree_clone(path: str) -> int:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), path)
     return int(fd)
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
-
-
-def mount_points() -> list[str]:
-    """Mount points of this process's namespace, in /proc/self/mountinfo order."""
-    points = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-            for line in table:
-                fields = line.split()
-                if len(fields) > 4:
-                    points.append(_unescape(fields[4]))
-    except OSError:
-        pass
-    return points
 
 
 def _inside(path: str, ancestor: str) -> bool:

@@ -16,10 +16,9 @@ changing anything that cannot be changed (fuse-overlayfs ignores its errors too)
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
-from typing import Any
 
+from unionfs import safeio
 from unionfs.config import IdMapping, MountConfig
 
 OVERFLOW_FALLBACK = 65534
@@ -87,12 +86,13 @@ class IdMapper:
             gid = self.overflow_gid if mapped is None else mapped
         return uid, gid
 
-    def chown(self, target: Any, uid: int, gid: int, **at: Any) -> None:
-        """chown(2) of an upper object to the owner given through the mount (-1: unchanged).
-        With squashing the shown owner cannot change, so a refused chown is no error."""
+    def chown(self, dir_fd: int, name: bytes | None, uid: int, gid: int) -> None:
+        """chown(2) of an upper object (``name`` in ``dir_fd``, or ``dir_fd`` itself) to the
+        owner given through the mount (-1: unchanged). With squashing the shown owner cannot
+        change, so a refused chown is no error."""
         uid, gid = self.stored(uid, gid)
         if not self.squashing:
-            os.chown(target, uid, gid, **at)
+            safeio.chown(dir_fd, name, uid, gid)
             return
         with contextlib.suppress(PermissionError):
-            os.chown(target, uid, gid, **at)
+            safeio.chown(dir_fd, name, uid, gid)

@@ -41,7 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-EXIT_STORE = 7  # cli's exit-code table: "image store problem"
+from unionfs.exitcodes import EXIT_STORE
+
 MAX_JSON = 256 * 1024 * 1024  # a metadata file larger than this is damage, not metadata
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HEX = re.compile(r"[0-9a-f]+")

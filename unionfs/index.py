@@ -88,7 +88,7 @@ class HardLinkIndex:
     def mark(self, fd: int, difference: int) -> None:
         """Give a copy being built (open ``fd``) its link-count record (its origin is
         recorded by the copy-up, as on every copy)."""
-        os.setxattr(fd, self.nlink_xattr, whiteout.encode_nlink(difference))
+        safeio.set_xattr(fd, None, self.nlink_xattr, whiteout.encode_nlink(difference))
 
     def add(self, origin: bytes, link: tuple[int, bytes | None]) -> bytes:
         """Link a finished copy into the index: ``link`` is (the O_TMPFILE fd, None) or
@@ -107,7 +107,7 @@ class HardLinkIndex:
 
     def remove(self, name: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=self.fd)
+            safeio.unlink(self.fd, name)
         self.names.discard(name)
 
     def _remove_orphans(self) -> int:

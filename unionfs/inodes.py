@@ -110,6 +110,76 @@ class Node:
         self.links.clear()
         self.links[(parent, name)] = in_upper
 
+    # State changes: every module changes a node through these (tests/unit/test_core_rules.py).
+
+    def looked_up(self) -> None:
+        """The kernel got one more reference (an entry reply)."""
+        self.lookups += 1
+
+    def add_link(self, parent: Node, name: bytes, *, in_upper: bool) -> None:
+        self.links[(parent, name)] = in_upper
+
+    def drop_link(self, parent: Node, name: bytes) -> None:
+        self.links.pop((parent, name), None)
+
+    def move_link(self, old: tuple[Node, bytes], new: tuple[Node, bytes]) -> None:
+        """A rename of a non-directory: the old name goes, the new one is in the upper."""
+        self.links.pop(old, None)
+        self.links[new] = True
+
+    def opened(self, fd: int) -> None:
+        self.open_fds.add(fd)
+
+    def closed(self, fd: int) -> None:
+        self.open_fds.discard(fd)
+
+    def set_lower(self, lower: list[Source], *, lower_nlink: int | None = None) -> None:
+        """The node's lower sources (top first); ``lower_nlink``: the lower object's link
+        count, kept at its highest."""
+        self.lower = lower
+        if lower_nlink is not None:
+            self.lower_nlink = max(self.lower_nlink, lower_nlink)
+
+    def set_in_upper(self, in_upper: bool) -> None:
+        self.in_upper = in_upper
+
+    def set_redirect(self, redirect: tuple[bool, tuple[bytes, ...]] | None) -> None:
+        self.redirect = redirect
+
+    def set_data(self, *, metacopy: bool, data: Source | None) -> None:
+        """Metadata-only (``data``: the lower file holding the data) or not (None)."""
+        self.metacopy = metacopy
+        self.data = data
+
+    def copied_up(self, parent: Node, name: bytes) -> None:
+        """An upper object now exists for the node, at ``parent``/``name``."""
+        self.in_upper = True
+        self.links[(parent, name)] = True
+
+    def new_generation(self) -> None:
+        """The upper copy replaced what open handles read: they switch to it."""
+        self.generation += 1
+
+    def set_index(self, index_name: bytes | None, link_difference: int | None = None) -> None:
+        """The node's hard-link index entry (None: none) and merged link count record."""
+        self.index_name = index_name
+        if link_difference is not None:
+            self.link_difference = link_difference
+
+    def consume_lower_link(self) -> None:
+        """One lower name stops showing the node from below; an indexed copy's merged link
+        count drops with it."""
+        self.lower_links_consumed += 1
+        if self.index_name is not None and self.in_upper:
+            self.link_difference -= 1
+
+    def forget_layers(self, *, names: bool = False) -> None:
+        """Nothing in any layer stands for the node any more (``names``: nor any name)."""
+        if names:
+            self.links.clear()
+        self.in_upper = False
+        self.lower = []
+
 
 def merged_path(node: Node) -> tuple[bytes, ...]:
     """The path of a directory (or of a node's primary link) in the merged tree.

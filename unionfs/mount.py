@@ -18,7 +18,6 @@ import ctypes
 import gc
 import logging
 import os
-import re
 import shutil
 import signal
 import stat
@@ -31,23 +30,23 @@ import pyfuse3
 import trio
 
 from unionfs import fusefeatures, options
+from unionfs.assembly import Union, open_union
 from unionfs.config import MountConfig
 from unionfs.detached import DetachedTrees
-from unionfs.index import HardLinkIndex
-from unionfs.layer import Layer
+from unionfs.exitcodes import (
+    EXIT_FAILURE,
+    EXIT_FUSE,
+    EXIT_LAYER,
+    EXIT_MOUNTPOINT,
+    EXIT_PERMISSION,
+    EXIT_USAGE,
+)
+from unionfs.mountinfo import mount_table, mounted_paths
 from unionfs.operations import Operations
-from unionfs.tree import MergedTree
 from unionfs.watch import Watcher
-from unionfs.workdir import WorkDir, volatile_marker, volatile_owner
+from unionfs.workdir import volatile_marker, volatile_owner
 
 log = logging.getLogger(__name__)
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_LAYER = 3
-EXIT_MOUNTPOINT = 4
-EXIT_PERMISSION = 5
-EXIT_FUSE = 6
 
 SUBTYPE = "unionfs-py"  # the type in /proc/mounts is fuse.unionfs-py (unionfs-fuse's: fuse.unionfs)
 FSTYPE = "fuse." + SUBTYPE
@@ -58,45 +57,6 @@ class MountError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass
-class Prepared:
-    tree: MergedTree
-    work: WorkDir | None
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    mountpoint: str  # unescaped
-    device: str  # major:minor
-    fstype: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as ``\\ooo`` octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
-
-
-def mount_table() -> list[MountEntry]:
-    """/proc/self/mountinfo, read without touching any mount (a stat of our own mount from
-    the daemon before it serves would wait for ourselves)."""
-    entries: list[MountEntry] = []
-    with (
-        contextlib.suppress(OSError),
-        open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table,
-    ):
-        for line in table:
-            before, _, after = line.partition(" - ")
-            fields = before.split()
-            if len(fields) > 4 and after:
-                entries.append(MountEntry(_unescape(fields[4]), fields[2], after.split()[0]))
-    return entries
-
-
-def mounted_paths() -> set[str]:
-    """Mount points this process can see."""
-    return {entry.mountpoint for entry in mount_table()}
 
 
 def _inside(path: str, ancestor: str) -> bool:
@@ -323,7 +283,7 @@ def _check_fuse() -> None:
         raise MountError(EXIT_FUSE, "fusermount3 not found (install the fuse3 package)")
 
 
-def prepare(config: MountConfig) -> Prepared:
+def prepare(config: MountConfig) -> Union:
     """Open every layer (top first: upper, then lowers top to bottom), through detached
     clones of their mounts where allowed (see ``detached``)."""
     os.umask(0)
@@ -334,40 +294,8 @@ def prepare(config: MountConfig) -> Prepared:
         clones.close()  # the layers' own fds keep the clones they use alive
 
 
-def _open_layers(config: MountConfig, clones: DetachedTrees) -> Prepared:
-    layers: list[Layer] = []
-    index = 0
-    upper_path, work_path = config.upper, config.workdir
-    if upper_path is not None and work_path is not None:
-        upper_path, work_path = clones.upper_and_work(upper_path, work_path)
-    if config.upper is not None and upper_path is not None:
-        layers.append(_layer(upper_path, config.upper, index, writable=config.writable))
-        index += 1
-    for path in reversed(config.lowers):
-        layers.append(_layer(clones.layer(path), path, index, writable=False))
-        index += 1
-    data_layers: list[Layer] = []
-    for path in config.data_layers:
-        data_layers.append(_layer(clones.layer(path), path, index, writable=False))
-        index += 1
-    work = None
-    if config.upper is not None and work_path is not None and config.writable:
-        work = WorkDir(work_path, layers[0].device, userxattr=config.userxattr)
-        work.path = config.workdir or work_path
-        if config.volatile:
-            work.mark_volatile(os.path.realpath(config.mountpoint))
-    if config.upper is not None and not config.writable:
-        layers[0].writable = False
-    tree = MergedTree(layers, data_layers)
-    if work is not None and work.index_fd is not None and config.index:
-        tree.index = HardLinkIndex(os.dup(work.index_fd), work.xattr_prefix)
-    return Prepared(tree, work)
-
-
-def _layer(open_path: str, shown_path: str, index: int, *, writable: bool) -> Layer:
-    layer = Layer(open_path, index, writable=writable)
-    layer.path = shown_path  # what status and which show: the user's path, not the clone's
-    return layer
+def _open_layers(config: MountConfig, clones: DetachedTrees) -> Union:
+    return open_union(config, upper_and_work=clones.upper_and_work, lower_path=clones.layer)
 
 
 def fuse_options(config: MountConfig) -> list[str]:
@@ -473,10 +401,10 @@ def raise_read_ahead(real_mountpoint: str) -> None:
         log.debug("read-ahead left at the default: %s", error)
 
 
-def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> int:
+def serve(config: MountConfig, prepared: Union, on_ready: object = None) -> int:
     """Mount and serve until unmounted or signalled. Returns an exit status."""
     try:
-        operations = Operations(prepared.tree, config, prepared.work)
+        operations = Operations(prepared, config)
     except OSError as error:
         raise MountError(EXIT_LAYER, f"cannot prepare the upper's quota: {error}") from None
     # The daemon allocates many short-lived objects per request and makes little cyclic
@@ -514,7 +442,7 @@ def serve(config: MountConfig, prepared: Prepared, on_ready: object = None) -> i
 
 
 def release_layers(
-    operations: Operations, prepared: Prepared, *, volatile_clean: bool = False
+    operations: Operations, prepared: Union, *, volatile_clean: bool = False
 ) -> None:
     """Close every fd the mount holds on its layers (open files, directories, layer roots).
     After a clean end of a volatile mount, sync the upper's filesystem and remove the volatile
@@ -533,9 +461,7 @@ def release_layers(
                 log.info("volatile mount ended cleanly: upper synced, mark removed")
         except OSError as error:
             log.warning("volatile mark kept: %s", error)
-    prepared.tree.close()
-    if prepared.work is not None:
-        prepared.work.close()
+    prepared.close()
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -16,9 +16,10 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from unionfs import safeio, whiteout
-from unionfs.copyup import FULL, METADATA, CopyUp
+from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp, CopyUpMode
 from unionfs.inodes import Node, link_path, merged_path
 from unionfs.layer import Layer
 from unionfs.safeio import RelPath
@@ -27,6 +28,36 @@ from unionfs.tree import MergedTree
 from unionfs.workdir import WorkDir
 
 Maker = Callable[[int, bytes], None]  # build an object named NAME in directory fd
+Chown = Callable[[int, bytes | None, int, int], None]  # (dir fd, name or None, uid, gid)
+
+
+@dataclass(frozen=True)
+class AttrChange:
+    """A SETATTR in plain values: None leaves that attribute as it is."""
+
+    size: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+    @property
+    def copy_up(self) -> CopyUpMode:
+        """What a lower file must bring up first: only metadata, unless the size changes
+        (no data at all when it becomes 0)."""
+        if self.size is not None:
+            return EMPTY if self.size == 0 else FULL
+        return METADATA
+
+    @property
+    def beyond_times(self) -> bool:
+        return (
+            self.size is not None
+            or self.mode is not None
+            or self.uid is not None
+            or self.gid is not None
+        )
 
 
 def _refuse_hidden_name(name: bytes) -> None:
@@ -81,7 +112,7 @@ class Mutations:
         self.whiteouts_made += 1
         if not self.oci_whiteouts:
             try:
-                os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dir_fd)
+                safeio.mknod(dir_fd, name, stat.S_IFCHR | 0o000, 0)
                 return
             except PermissionError:
                 pass  # no whiteout devices for us here: fall back to the OCI form
@@ -94,7 +125,7 @@ class Mutations:
         if len(whiteout.oci_whiteout_name(name)) > 255:
             return  # no such name can exist (test_rename_to_a_255_byte_name)
         try:
-            os.unlink(whiteout.oci_whiteout_name(name), dir_fd=dir_fd)
+            safeio.unlink(dir_fd, whiteout.oci_whiteout_name(name))
         except FileNotFoundError:
             pass
 
@@ -147,9 +178,9 @@ class Mutations:
             return
         with contextlib.suppress(PermissionError):
             if isinstance(target, int):
-                os.chown(target, uid, gid)
+                safeio.chown(target, None, uid, gid)
             else:
-                os.chown(target, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                safeio.chown(dir_fd, target, uid, gid)
 
     def _require_absent(self, parent: Node, name: bytes) -> None:
         _refuse_hidden_name(name)
@@ -191,7 +222,7 @@ class Mutations:
         self._require_absent(parent, name)
 
         def make(dir_fd: int, target: bytes) -> None:
-            os.mkdir(target, stat.S_IMODE(mode), dir_fd=dir_fd)
+            safeio.mkdir(dir_fd, target, stat.S_IMODE(mode))
             self._chown_new(dir_fd, target, uid, gid)
 
         self._place(parent, name, make, kind=stat.S_IFDIR)
@@ -203,7 +234,7 @@ class Mutations:
         self._require_absent(parent, name)
 
         def make(dir_fd: int, target: bytes) -> None:
-            os.mknod(target, mode, rdev, dir_fd=dir_fd)
+            safeio.mknod(dir_fd, target, mode, rdev)
             self._chown_new(dir_fd, target, uid, gid)
 
         self._place(parent, name, make, kind=stat.S_IFMT(mode))
@@ -215,7 +246,7 @@ class Mutations:
         self._require_absent(parent, name)
 
         def make(dir_fd: int, link_name: bytes) -> None:
-            os.symlink(target, link_name, dir_fd=dir_fd)
+            safeio.symlink(target, dir_fd, link_name)
             self._chown_new(dir_fd, link_name, uid, gid)
 
         self._place(parent, name, make, kind=stat.S_IFLNK)
@@ -229,16 +260,10 @@ class Mutations:
         source_fd, source_name = self.tree.upper_object(node)
 
         def make(dir_fd: int, target: bytes) -> None:
-            os.link(
-                source_name,
-                target,
-                src_dir_fd=source_fd,
-                dst_dir_fd=dir_fd,
-                follow_symlinks=False,
-            )
+            safeio.link(source_fd, source_name, dir_fd, target)
 
         self._place(parent, name, make, kind=node.kind)
-        node.links[(parent, name)] = True
+        node.add_link(parent, name, in_upper=True)
         return node, self.tree.stat(node)
 
     # removal -------------------------------------------------------------------------
@@ -264,17 +289,17 @@ class Mutations:
             if resolved.has_lower:
                 self._replace_with_whiteout(parent_fd, name, is_dir=False)
             else:
-                os.unlink(name, dir_fd=parent_fd)
+                safeio.unlink(parent_fd, name)
             if upper_st.st_nlink <= 1:
                 self.tree.inodes.drop_key((upper_st.st_dev, upper_st.st_ino), node)
                 if not any(
                     in_upper for link, in_upper in node.links.items() if link != (parent, name)
                 ):
-                    node.in_upper = False
+                    node.set_in_upper(False)
         else:
             self._make_whiteout(parent_fd, name)
             self.tree.consume_lower_link(node)
-        node.links.pop((parent, name), None)
+        node.drop_link(parent, name)
         self.tree.release_index_entry(node)
         if not node.links and not node.in_upper:
             self._forget_lower_when_gone(node)
@@ -286,7 +311,7 @@ class Mutations:
         """A file with no name left keeps its lower data only while other lower names of it
         may still show it."""
         if node.is_dir or node.lower_links_consumed >= node.lower_nlink:
-            node.lower = []
+            node.set_lower([])
 
     async def _record_lower_hard_link(self, node: Node) -> bool:
         """Before a lower name of a file with several names goes (unlink, or replaced by a
@@ -330,7 +355,7 @@ class Mutations:
             safeio.remove_tree(self.work.fd, temp)
             return
         try:
-            os.mknod(temp, stat.S_IFCHR, 0, dir_fd=self.work.fd)
+            safeio.mknod(self.work.fd, temp, stat.S_IFCHR, 0)
         except PermissionError:
             safeio.renameat2(parent_fd, name, self.work.fd, temp)
             self._make_whiteout(parent_fd, name)
@@ -362,9 +387,7 @@ class Mutations:
             self._make_whiteout(parent_fd, name)
         # Empty in the merged view: below it the upper holds whiteouts at most, no directories.
         self.upper.forget_dir(path)
-        node.links.clear()
-        node.in_upper = False
-        node.lower = []
+        node.forget_layers(names=True)
         self._note_removal(parent, name, whiteout_left=resolved.has_lower or not resolved.in_upper)
         return node
 
@@ -372,7 +395,7 @@ class Mutations:
         """Remove an upper directory that is empty in the merged view (it may still hold
         whiteouts): at once when it is empty on disk, else hidden first, then cleaned."""
         try:
-            os.rmdir(name, dir_fd=parent_fd)
+            safeio.rmdir(parent_fd, name)
             return
         except OSError as error:
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
@@ -467,7 +490,7 @@ class Mutations:
             if source_resolved.has_lower:
                 self.whiteouts_made += 1  # the exchanged whiteout now hides the old name
             else:
-                os.unlink(old_name, dir_fd=old_fd)
+                safeio.unlink(old_fd, old_name)
         elif source_resolved.has_lower:
             self._rename_leaving_whiteout(old_fd, old_name, new_fd, new_name)
         else:
@@ -477,11 +500,11 @@ class Mutations:
         if replaced_st is not None and target is not None and replaced_st.st_nlink <= 1:
             self.tree.inodes.drop_key((replaced_st.st_dev, replaced_st.st_ino), target)
         if target is not None:
-            target.links.pop((new_parent, new_name), None)
+            target.drop_link(new_parent, new_name)
             if target_below:
                 self.tree.consume_lower_link(target)
             if target.is_dir or (not any(target.links.values()) and target.index_name is None):
-                target.in_upper = False
+                target.set_in_upper(False)
             self.tree.release_index_entry(target)
             if not target.links and not target.in_upper:
                 # No name left: an fd still open on it sees the file itself (detached).
@@ -555,7 +578,7 @@ class Mutations:
             parts = self._redirect_path(node, old_parent, old_name) if absolute else (old_name,)
             value = whiteout.encode_redirect(parts) if absolute else old_name
             safeio.set_xattr(dir_fd, old_name, self.redirect_xattr, value)
-            node.redirect = (absolute, parts)
+            node.set_redirect((absolute, parts))
             return
         if not node.is_dir:
             return
@@ -590,8 +613,7 @@ class Mutations:
         if node.is_dir:
             node.set_only_link(new_parent, new_name, in_upper=True)
         else:
-            node.links.pop((old_parent, old_name), None)
-            node.links[(new_parent, new_name)] = True
+            node.move_link((old_parent, old_name), (new_parent, new_name))
 
     @staticmethod
     def _is_ancestor(node: Node, candidate: Node) -> bool:
@@ -606,9 +628,86 @@ class Mutations:
         return False
 
     # attributes ----------------------------------------------------------------------
-    async def prepare_change(self, node: Node, data: str = METADATA) -> None:
+    async def prepare_change(self, node: Node, data: CopyUpMode = METADATA) -> None:
         """Copy ``node`` up before changing it (see ``CopyUp.ensure_file`` for ``data``)."""
         await self.copyup.ensure_file(node, data=data)
+
+    def change_attributes(
+        self,
+        node: Node,
+        dir_fd: int,
+        name: bytes | None,
+        change: AttrChange,
+        *,
+        open_fd: int | None,
+        chown: Chown,
+        truncate: Callable[[int, int], None] = os.ftruncate,
+    ) -> None:
+        """Apply ``change`` to the node's upper object (``name`` in ``dir_fd``, or ``dir_fd``
+        itself: an open upper file), after ``prepare_change(node, change.copy_up)``. The size
+        changes through ``open_fd`` when the request came with a writable handle; owners are
+        stored through ``chown`` (the mount's id mapping), sizes set through ``truncate`` (the
+        mount's quota accounting)."""
+        if change.size is not None:
+            if open_fd is not None:
+                truncate(open_fd, change.size)
+            elif name is None:
+                truncate(dir_fd, change.size)  # an open upper file
+            else:
+                fd = safeio.open_file(dir_fd, name, os.O_WRONLY)
+                try:
+                    truncate(fd, change.size)
+                finally:
+                    os.close(fd)
+        if change.uid is not None or change.gid is not None:
+            uid = -1 if change.uid is None else change.uid
+            chown(dir_fd, name, uid, -1 if change.gid is None else change.gid)
+        if change.mode is not None:
+            if stat.S_ISLNK(node.kind):
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
+            safeio.chmod(dir_fd, name, stat.S_IMODE(change.mode))
+        if change.atime_ns is not None or change.mtime_ns is not None:
+            current = self.tree.stat(node)
+            atime = current.st_atime_ns if change.atime_ns is None else change.atime_ns
+            mtime = current.st_mtime_ns if change.mtime_ns is None else change.mtime_ns
+            safeio.set_times(dir_fd, name, (atime, mtime))
+
+    @staticmethod
+    def copy_up_for_open(flags: int) -> CopyUpMode | None:
+        """What an open with ``flags`` needs copied up: nothing for reading (None), no data
+        when it truncates (O_TRUNC arrives only if atomic O_TRUNC could not be turned off;
+        normally the kernel strips it and sends SETATTR(size=0) after the open), else the
+        data."""
+        if not flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            return None
+        return EMPTY if flags & os.O_TRUNC else FULL
+
+    def open_upper(self, node: Node, flags: int) -> int:
+        """Open the node's upper file for writing (after ``prepare_change``); O_TRUNC kept."""
+        dir_fd, name = self.upper_location(node)
+        assert name is not None
+        return safeio.open_file(dir_fd, name, os.O_RDWR | (flags & os.O_TRUNC))
+
+    @staticmethod
+    def stored_xattr(shown: str, *, removing: bool = False) -> str:
+        """Where xattr ``shown`` is stored in the upper; bookkeeping cannot be set (EPERM)
+        and, never being shown, is never there to remove (ENODATA)."""
+        stored = whiteout.stored_xattr_name(shown)
+        if stored is None:
+            if removing:
+                raise OSError(errno.ENODATA, "private attribute")
+            raise OSError(errno.EPERM, "private attribute")
+        return stored
+
+    def set_xattr(self, node: Node, stored: str, value: bytes) -> None:
+        """Set an xattr on the node's upper object (after ``prepare_change``)."""
+        dir_fd, entry = self.upper_location(node)
+        safeio.set_xattr(dir_fd, entry, stored, value)
+
+    def remove_xattr(self, node: Node, stored: str) -> None:
+        """Remove an xattr from the node's upper object (after ``prepare_change``)."""
+        dir_fd, entry = self.upper_location(node)
+        safeio.remove_xattr(dir_fd, entry, stored)
 
     def upper_location(self, node: Node) -> tuple[int, bytes | None]:
         if node.ino == self.tree.root.ino:

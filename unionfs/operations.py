@@ -24,7 +24,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar, cast
@@ -32,26 +31,25 @@ from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar, cast
 import pyfuse3
 import trio
 
-from unionfs import fuseconn, fusefeatures, introspection, refresh, safeio, whiteout
+from unionfs import fuseconn, fusefeatures, introspection, refresh, safeio
+from unionfs.assembly import Union, writers
 from unionfs.attrs import entry_attributes, negative_entry
 from unionfs.config import MountConfig
-from unionfs.copyup import EMPTY, FULL, METADATA, CopyUp
+from unionfs.copyup import METADATA, CopyUp, CopyUpMode
 from unionfs.handles import DirHandle, FileHandle, HandleTable, Listings
 from unionfs.idmap import IdMapper
 from unionfs.inodes import Node, link_path
-from unionfs.mutations import Mutations
+from unionfs.mutations import AttrChange, Mutations
+from unionfs.permissions import may_access
 from unionfs.quota import Quota, lstat_upper
 from unionfs.safeio import RelPath
-from unionfs.tree import MergedTree
 from unionfs.watch import Watcher
-from unionfs.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
 Answer: TypeAlias = R | Coroutine[Any, Any, R]  # a plain handler's answer, or its slow path
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 FALLOCATE_MODES = (
     safeio.FALLOC_FL_KEEP_SIZE | safeio.FALLOC_FL_PUNCH_HOLE | (safeio.FALLOC_FL_ZERO_RANGE)
 )
@@ -183,9 +181,9 @@ class Operations(pyfuse3.Operations):
     init_want = fusefeatures.FUSE_CAP_CACHE_SYMLINKS
     init_clear = fusefeatures.FUSE_CAP_ATOMIC_O_TRUNC
 
-    def __init__(self, tree: MergedTree, config: MountConfig, work: WorkDir | None) -> None:
+    def __init__(self, union: Union, config: MountConfig) -> None:
         super().__init__()
-        self.tree = tree
+        self.tree = union.tree
         self.config = config
         self.enable_writeback_cache = config.writeback  # read by pyfuse3 at INIT
         self.enable_acl = config.posix_acl  # read by pyfuse3 at INIT
@@ -197,16 +195,10 @@ class Operations(pyfuse3.Operations):
         self.ids = IdMapper(config)
         self.mutations: Mutations | None = None
         self.copyup: CopyUp | None = None
-        if tree.upper is not None and work is not None and config.writable:
-            self.copyup = CopyUp(tree, tree.upper, work, run_in_thread, metacopy=config.metacopy)
-            self.mutations = Mutations(
-                tree,
-                tree.upper,
-                work,
-                self.copyup,
-                oci_whiteouts=config.whiteout_format == "oci",
-                redirect_dir=config.redirect_dir,
-            )
+        tree, work = union.tree, union.work
+        opened = writers(union, config, run_in_thread)
+        if opened is not None:
+            self.copyup, self.mutations = opened
         self.quota: Quota | None = None
         if self.copyup is not None and work is not None and tree.upper is not None:
             self.quota = Quota.open(
@@ -290,14 +282,14 @@ class Operations(pyfuse3.Operations):
         return self.ids.stored(ctx.uid, ctx.gid)
 
     def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        node.lookups += 1
+        node.looked_up()
         return self._attributes(node, st)
 
     def _node(self, inode: int) -> Node:
         return self.tree.inodes[inode]
 
     @staticmethod
-    def _ready(node: Node, data: str) -> bool:
+    def _ready(node: Node, data: CopyUpMode) -> bool:
         """Whether ``prepare_change(node, data)`` has nothing to do (the node is in the upper
         layer with its data): then a change needs no copy-up and no await."""
         if not node.in_upper:
@@ -384,14 +376,14 @@ class Operations(pyfuse3.Operations):
         async with self.lock:
             return work()
 
-    def _changing(self, node: Node, data: str, work: Callable[[], R]) -> Answer[R]:
+    def _changing(self, node: Node, data: CopyUpMode, work: Callable[[], R]) -> Answer[R]:
         """``work()`` after ``prepare_change(node, data)``, under the namespace lock: now if
         the lock is free and nothing needs copying up, else in a coroutine."""
         if not self.lock.locked() and self._ready(node, data):
             return work()
         return self._change_after_lock(node, data, work)
 
-    async def _change_after_lock(self, node: Node, data: str, work: Callable[[], R]) -> R:
+    async def _change_after_lock(self, node: Node, data: CopyUpMode, work: Callable[[], R]) -> R:
         async with self.lock:
             await self._writer().prepare_change(node, data)
             return work()
@@ -430,21 +422,18 @@ class Operations(pyfuse3.Operations):
     def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         """Only asked without default_permissions: classic owner/group/other bits."""
         shown = self._attributes(self._node(inode))
-        file_mode, uid, gid = shown.st_mode, shown.st_uid, shown.st_gid
-        if ctx.uid == 0:
-            return not (mode & os.X_OK) or bool(file_mode & 0o111) or stat.S_ISDIR(file_mode)
-        if ctx.uid == uid:
-            bits = (file_mode >> 6) & 7
-        elif ctx.gid == gid or gid in pyfuse3.get_sup_groups(ctx.pid):
-            bits = (file_mode >> 3) & 7
-        else:
-            bits = file_mode & 7
-        return (mode & bits) == mode
+        return may_access(
+            shown.st_mode,
+            (shown.st_uid, shown.st_gid),
+            (ctx.uid, ctx.gid),
+            lambda gid: gid in pyfuse3.get_sup_groups(ctx.pid),
+            mode,
+        )
 
     @boundary
     def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         layer = self.tree.upper if self.tree.upper is not None else self.tree.stack.layers[0]
-        info = os.statvfs(layer.root_fd)
+        info = os.fstatvfs(layer.root_fd)
         data = pyfuse3.StatvfsData()
         for field in (
             "f_bsize",
@@ -520,21 +509,12 @@ class Operations(pyfuse3.Operations):
         if attribute.startswith(introspection.PREFIX):
             return introspection.answer(self, self._node(inode), attribute)
         self._xattrs_enabled()
-        stored = whiteout.stored_xattr_name(attribute)
-        if stored is None:
-            raise OSError(errno.ENODATA, "private")
-        dir_fd, entry = self.tree.top_location(self._node(inode))
-        value = safeio.get_xattr(dir_fd, entry, stored)
-        if value is None:
-            raise OSError(errno.ENODATA, "no such attribute")
-        return value
+        return self.tree.get_xattr(self._node(inode), attribute)
 
     @boundary
     def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._xattrs_enabled()
-        dir_fd, entry = self.tree.top_location(self._node(inode))
-        shown = (whiteout.shown_xattr_name(stored) for stored in safeio.list_xattrs(dir_fd, entry))
-        return [os.fsencode(name) for name in shown if name is not None]
+        return [os.fsencode(name) for name in self.tree.list_xattrs(self._node(inode))]
 
     @boundary
     def setxattr(
@@ -543,16 +523,14 @@ class Operations(pyfuse3.Operations):
         attribute = os.fsdecode(name)
         self._xattrs_enabled()
         writer = self._writer()
-        stored = whiteout.stored_xattr_name(attribute)
-        if stored is None or attribute.startswith(introspection.PREFIX):
+        if attribute.startswith(introspection.PREFIX):
             raise OSError(errno.EPERM, "private attribute")
+        stored = writer.stored_xattr(attribute)
         node = self._node(inode)
 
         def change() -> None:
             dir_fd, entry = writer.upper_location(node)
-            self._counted_xattr(
-                dir_fd, entry, lambda: safeio.set_xattr(dir_fd, entry, stored, value)
-            )
+            self._counted_xattr(dir_fd, entry, lambda: writer.set_xattr(node, stored, value))
 
         return self._changing(node, METADATA, change)
 
@@ -561,38 +539,30 @@ class Operations(pyfuse3.Operations):
         attribute = os.fsdecode(name)
         self._xattrs_enabled()
         writer = self._writer()
-        stored = whiteout.stored_xattr_name(attribute)
-        if stored is None:
-            raise OSError(errno.ENODATA, "private attribute")
+        stored = writer.stored_xattr(attribute, removing=True)
         node = self._node(inode)
-
-        def exists() -> None:
-            dir_fd, entry = self.tree.top_location(node)
-            if safeio.get_xattr(dir_fd, entry, stored) is None:
-                raise OSError(errno.ENODATA, "no such attribute")
-
         if not self.lock.locked() and self._ready(node, METADATA):
-            exists()
+            self.tree.get_xattr(node, attribute)  # ENODATA when absent
             dir_fd, entry = writer.upper_location(node)
-            self._counted_xattr(dir_fd, entry, lambda: safeio.remove_xattr(dir_fd, entry, stored))
+            self._counted_xattr(dir_fd, entry, lambda: writer.remove_xattr(node, stored))
             return None
-        return self._remove_xattr_after_lock(writer, node, stored, exists)
+        return self._remove_xattr_after_lock(writer, node, attribute, stored)
 
     async def _remove_xattr_after_lock(
-        self, writer: Mutations, node: Node, stored: str, exists: Callable[[], None]
+        self, writer: Mutations, node: Node, attribute: str, stored: str
     ) -> None:
         async with self.lock:
-            exists()  # before copying up: a missing attribute changes nothing
+            self.tree.get_xattr(node, attribute)  # before copying up: absent changes nothing
             await writer.prepare_change(node, METADATA)
             dir_fd, entry = writer.upper_location(node)
-            self._counted_xattr(dir_fd, entry, lambda: safeio.remove_xattr(dir_fd, entry, stored))
+            self._counted_xattr(dir_fd, entry, lambda: writer.remove_xattr(node, stored))
 
     # files ---------------------------------------------------------------------------
     @boundary
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Answer[pyfuse3.FileInfo]:
         node = self._node(inode)
-        writable = bool(flags & WRITE_FLAGS) or bool(flags & os.O_TRUNC)
-        if not writable:
+        copy_up = Mutations.copy_up_for_open(flags)
+        if copy_up is None:
             fd = self.tree.open_for_read(node)
             number = self.handles.add_file(FileHandle(node, fd, node.generation, False))
             # noflush: closing a read-only file needs no FLUSH round trip (a writable one
@@ -601,18 +571,13 @@ class Operations(pyfuse3.Operations):
                 return pyfuse3.FileInfo(fh=number, keep_cache=True, noflush=True)
             return pyfuse3.FileInfo(fh=number, keep_cache=True)
         writer = self._writer()
-        # O_TRUNC arrives here only if atomic O_TRUNC could not be turned off; normally the
-        # kernel strips it and sends SETATTR(size=0) after the open.
-        truncate = bool(flags & os.O_TRUNC)
 
         def open_upper() -> pyfuse3.FileInfo:
-            dir_fd, name = writer.upper_location(node)
-            assert name is not None
-            fd = safeio.open_file(dir_fd, name, os.O_RDWR | (flags & os.O_TRUNC))
+            fd = writer.open_upper(node, flags)
             number = self.handles.add_file(FileHandle(node, fd, node.generation, True))
             return pyfuse3.FileInfo(fh=number, keep_cache=True)
 
-        return self._changing(node, EMPTY if truncate else FULL, open_upper)
+        return self._changing(node, copy_up, open_upper)
 
     def _current_fd(self, handle: FileHandle) -> int:
         if handle.generation != handle.node.generation and not handle.writable:
@@ -757,7 +722,7 @@ class Operations(pyfuse3.Operations):
                         token, name, attributes, Listings.offset(generation, position + 1)
                     ):
                         return
-                    child.lookups += 1
+                    child.looked_up()
             position += 1
 
     @boundary
@@ -899,58 +864,56 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> Answer[pyfuse3.EntryAttributes]:
         writer = self._writer()
+        change = self._attr_change(attr, fields)
         if self.lock.locked():
-            return self._setattr_after_lock(writer, inode, attr, fields, fh)
+            return self._setattr_after_lock(writer, inode, change, fh)
         node = self._node(inode)
         if self._detached(node):
-            return self._setattr_detached(node, attr, fields, fh)
-        if not self._ready(node, self._setattr_data(attr, fields)):
-            return self._setattr_after_lock(writer, inode, attr, fields, fh)
+            return self._setattr_detached(writer, node, change, fh)
+        if not self._ready(node, change.copy_up):
+            return self._setattr_after_lock(writer, inode, change, fh)
         dir_fd, name = writer.upper_location(node)
-        self._apply_setattr(node, dir_fd, name, attr, fields, fh)
+        self._apply_setattr(writer, node, dir_fd, name, change, fh)
         return self._attributes(node)
 
     async def _setattr_after_lock(
-        self,
-        writer: Mutations,
-        inode: int,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-        fh: int | None,
+        self, writer: Mutations, inode: int, change: AttrChange, fh: int | None
     ) -> pyfuse3.EntryAttributes:
         async with self.lock:
             node = self._node(inode)
             if self._detached(node):
-                return self._setattr_detached(node, attr, fields, fh)
-            await writer.prepare_change(node, self._setattr_data(attr, fields))
+                return self._setattr_detached(writer, node, change, fh)
+            await writer.prepare_change(node, change.copy_up)
             dir_fd, name = writer.upper_location(node)
-            self._apply_setattr(node, dir_fd, name, attr, fields, fh)
+            self._apply_setattr(writer, node, dir_fd, name, change, fh)
             return self._attributes(node)
 
     @staticmethod
-    def _setattr_data(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> str:
-        if fields.update_size:
-            return EMPTY if attr.st_size == 0 else FULL
-        return METADATA
+    def _attr_change(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> AttrChange:
+        """SETATTR's arguments as plain values (None: not asked to change)."""
+        return AttrChange(
+            size=attr.st_size if fields.update_size else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
 
     @staticmethod
     def _detached(node: Node) -> bool:
         return not node.in_upper and not node.lower and bool(node.open_fds)
 
     def _setattr_detached(
-        self,
-        node: Node,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-        fh: int | None,
+        self, writer: Mutations, node: Node, change: AttrChange, fh: int | None
     ) -> pyfuse3.EntryAttributes:
         """Unlinked while open (the kernel sets times at close): change the open file itself
         (test_xattrs_of_an_unlinked_open_file). Only through a handle open for writing: that
         fd is an upper file, never a lower one."""
         fd = self._detached_upper_fd(node)
         if fd is not None:
-            self._apply_setattr(node, fd, None, attr, fields, fh)
-        elif fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid:
+            self._apply_setattr(writer, node, fd, None, change, fh)
+        elif change.beyond_times:
             raise OSError(errno.ENOENT, "deleted, and only open for reading")
         # else: times the kernel flushes at close of a deleted lower file: nothing to do
         return self._attributes(node)
@@ -977,36 +940,20 @@ class Operations(pyfuse3.Operations):
 
     def _apply_setattr(
         self,
+        writer: Mutations,
         node: Node,
         dir_fd: int,
         name: bytes | None,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
+        change: AttrChange,
         fh: int | None,
     ) -> None:
-        target: Any = dir_fd if name is None else name
-        at: dict[str, Any] = {} if name is None else {"dir_fd": dir_fd, "follow_symlinks": False}
-        if fields.update_size:
-            handle = self.handles.files.get(fh) if fh is not None else None
-            if handle is not None and handle.writable:
-                self._truncate(handle.fd, attr.st_size)
-            elif name is None:
-                self._truncate(dir_fd, attr.st_size)  # an open upper file (see setattr)
-            else:
-                fd = safeio.open_file(dir_fd, name, os.O_WRONLY)
-                try:
-                    self._truncate(fd, attr.st_size)
-                finally:
-                    os.close(fd)
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            self.ids.chown(target, uid, attr.st_gid if fields.update_gid else -1, **at)
-        if fields.update_mode:
-            if stat.S_ISLNK(node.kind):
-                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
-            os.chmod(target, stat.S_IMODE(attr.st_mode), **at)
-        if fields.update_atime or fields.update_mtime:
-            current = self.tree.stat(node)
-            atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
-            os.utime(target, ns=(atime, mtime), **at)
+        handle = self.handles.files.get(fh) if fh is not None else None
+        writer.change_attributes(
+            node,
+            dir_fd,
+            name,
+            change,
+            open_fd=handle.fd if handle is not None and handle.writable else None,
+            chown=self.ids.chown,
+            truncate=self._truncate,
+        )

@@ -147,7 +147,7 @@ def write_record(base_fd: int, record: dict[str, int | None]) -> None:
 
 def remove_record(base_fd: int) -> None:
     try:
-        os.unlink(RECORD_NAME, dir_fd=base_fd)
+        safeio.unlink(base_fd, RECORD_NAME)
     except FileNotFoundError:
         pass
 

@@ -123,7 +123,7 @@ class Refresher:
         if known.is_dir:
             lower = [source for source in resolved.sources if not source.layer.writable]
             if not _same_sources(lower, known.lower):
-                known.lower = lower
+                known.set_lower(lower)
                 out.append((known.ino, None))
         elif not known.in_upper:
             before = old.get(known.ino)

@@ -52,6 +52,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from unionfs import mountinfo
+from unionfs.exitcodes import EXIT_FAILURE, EXIT_USAGE, RUN_NOT_EXECUTABLE, RUN_NOT_FOUND
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -62,7 +65,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class RunError(Exception):
     """The stack could not be mounted or no container tool works. One-line message."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(" ".join(message.split()))
         self.exit_code = exit_code
 
@@ -110,17 +113,11 @@ def _mount(
         raise RunError(f"unionfs mount did not come up within {MOUNT_TIMEOUT:.0f} s") from None
     if proc.returncode != 0:
         message = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-        raise RunError(f"mount failed: {message}", proc.returncode if proc.returncode else 1)
+        raise RunError(f"mount failed: {message}", proc.returncode or EXIT_FAILURE)
 
 
 def _is_mounted(mountpoint: Path) -> bool:
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-        for line in table:
-            fields = line.split()
-            if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
-                return True
-    return False
+    return os.path.realpath(mountpoint) in mountinfo.mounted_paths()
 
 
 def _unmount(mountpoint: Path) -> None:
@@ -212,8 +209,8 @@ def check_command(merged: Path, command: Sequence[str], path: str, cwd: str = "/
     finally:
         os.close(root_fd)
     if found_unusable:
-        raise RunError(f"{name}: cannot execute (not an executable file)", 126)
-    raise RunError(f"{name}: command not found in the container", 127)
+        raise RunError(f"{name}: cannot execute (not an executable file)", RUN_NOT_EXECUTABLE)
+    raise RunError(f"{name}: command not found in the container", RUN_NOT_FOUND)
 
 
 def container_argv(merged: Path, command: Sequence[str], *, cwd: str = "/") -> list[str]:
@@ -253,9 +250,9 @@ def run_in_union(
 ) -> int:
     """Mount ``layers`` (base first), run ``command`` inside as a container, unmount, return rc."""
     if not command:
-        raise RunError("no command to run", 2)
+        raise RunError("no command to run", EXIT_USAGE)
     if workdir is not None and upper is None:
-        raise RunError("--workdir needs --upper (the temporary upper has its own)", 2)
+        raise RunError("--workdir needs --upper (the temporary upper has its own)", EXIT_USAGE)
     if warn is not None:
         foreign = foreign_owner(layers)
         if foreign is not None:

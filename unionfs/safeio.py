@@ -312,9 +312,10 @@ def is_whiteout_device(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def remove_tree(dir_fd: int, name: bytes) -> None:
+def remove_tree(dir_fd: int, name: bytes, *, make_writable: bool = False) -> None:
     """Remove ``name`` (a file or a whole directory tree) below ``dir_fd``, never following
-    symlinks: each level is opened ``O_NOFOLLOW`` relative to its parent."""
+    symlinks: each level is opened ``O_NOFOLLOW`` relative to its parent. ``make_writable``:
+    directories are made writable first (an unpacked image's 0555 directories)."""
     st = try_lstat(dir_fd, name)
     if st is None:
         return
@@ -323,8 +324,10 @@ def remove_tree(dir_fd: int, name: bytes) -> None:
         return
     child_fd = open_dir(dir_fd, name)
     try:
+        if make_writable:
+            os.fchmod(child_fd, 0o700)
         for child, _kind in list_dir(child_fd):
-            remove_tree(child_fd, child)
+            remove_tree(child_fd, child, make_writable=make_writable)
     finally:
         os.close(child_fd)
     os.rmdir(check_name(name), dir_fd=dir_fd)
@@ -367,3 +370,85 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         number = ctypes.get_errno()
         raise OSError(number, os.strerror(number))
+
+
+# Making and changing objects: a ``name`` is one component below ``dir_fd``; ``None`` means
+# ``dir_fd`` itself (an open object). Nothing follows a symlink.
+
+
+def mkdir(dir_fd: int, name: bytes, mode: int) -> None:
+    os.mkdir(check_name(name), mode, dir_fd=dir_fd)
+
+
+def mknod(dir_fd: int, name: bytes, mode: int, device: int = 0) -> None:
+    os.mknod(check_name(name), mode, device, dir_fd=dir_fd)
+
+
+def symlink(target: bytes, dir_fd: int, name: bytes) -> None:
+    os.symlink(target, check_name(name), dir_fd=dir_fd)
+
+
+def link(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes) -> None:
+    os.link(
+        check_name(old),
+        check_name(new),
+        src_dir_fd=old_dir_fd,
+        dst_dir_fd=new_dir_fd,
+        follow_symlinks=False,
+    )
+
+
+def unlink(dir_fd: int, name: bytes) -> None:
+    os.unlink(check_name(name), dir_fd=dir_fd)
+
+
+def rmdir(dir_fd: int, name: bytes) -> None:
+    os.rmdir(check_name(name), dir_fd=dir_fd)
+
+
+def open_tmpfile(dir_fd: int, flags: int, mode: int = 0o600) -> int:
+    """An unnamed file in directory ``dir_fd`` (``O_TMPFILE``; link it with link_tmpfile)."""
+    return os.open(b".", os.O_TMPFILE | flags, mode, dir_fd=dir_fd)
+
+
+def chown(dir_fd: int, name: bytes | None, uid: int, gid: int) -> None:
+    if name is None:
+        os.chown(dir_fd, uid, gid)
+    else:
+        os.chown(check_name(name), uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def chmod(dir_fd: int, name: bytes | None, mode: int) -> None:
+    if name is None:
+        os.chmod(dir_fd, mode)
+    else:
+        os.chmod(check_name(name), mode, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def set_times(dir_fd: int, name: bytes | None, ns: tuple[int, int]) -> None:
+    """atime and mtime in nanoseconds."""
+    if name is None:
+        os.utime(dir_fd, ns=ns)
+    else:
+        os.utime(check_name(name), ns=ns, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def open_dir_path(path: str | os.PathLike[str]) -> int:
+    """Open a directory named by a path from the user (an image, a destination), the last
+    component not followed if it is a symlink."""
+    return os.open(path, DIR_FLAGS)
+
+
+def open_below(dir_fd: int, parts: RelPath) -> int:
+    """Open the directory ``parts`` below ``dir_fd`` one component at a time, never
+    following a symlink; the caller closes the fd (a new one even for no ``parts``)."""
+    fd = os.dup(dir_fd)
+    try:
+        for part in parts:
+            child = open_dir(fd, part)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -112,16 +112,15 @@ class MergedTree:
         if node is None:
             node = self._new_node(parent, name, resolved, st, key, lower, created)
         if node.is_dir:
-            node.lower = lower
-            node.in_upper = resolved.in_upper
+            node.set_lower(lower)
+            node.set_in_upper(resolved.in_upper)
             node.set_only_link(parent, name, in_upper=resolved.in_upper)
         else:
             if resolved.in_upper:
-                node.in_upper = True
+                node.set_in_upper(True)
             elif not node.lower:
-                node.lower = lower
-                node.lower_nlink = max(node.lower_nlink, st.st_nlink)
-            node.links[(parent, name)] = resolved.in_upper
+                node.set_lower(lower, lower_nlink=st.st_nlink)
+            node.add_link(parent, name, in_upper=resolved.in_upper)
         if node.in_upper and not resolved.in_upper and not node.is_dir:
             # A lower hard link of a file already copied up shows the upper copy.
             st = self.stat(node)
@@ -150,15 +149,15 @@ class MergedTree:
                 first = lower[0].layer.lstat(lower[0].path)
                 identity = (first.st_dev, first.st_ino)
             node = self.inodes.new_node(key, resolved.kind, lower, identity)
-            node.in_upper = resolved.in_upper
+            node.set_in_upper(resolved.in_upper)
             if resolved.in_upper:
                 listing = top.layer.listing(top.path)
-                node.redirect = listing.redirect if listing is not None else None
+                node.set_redirect(listing.redirect if listing is not None else None)
             return node
         regular = stat.S_ISREG(st.st_mode)
         if not resolved.in_upper:
             node = self.inodes.new_node(key, resolved.kind, lower)
-            node.lower_nlink = st.st_nlink
+            node.set_lower(lower, lower_nlink=st.st_nlink)
             if regular:
                 self._take_chain(node, self.stack.chain(resolved, name), top)
             return node
@@ -175,8 +174,8 @@ class MergedTree:
                 resolved, name, xattrs, chain, indexed=index_name is not None
             )
         node = self.inodes.new_node(key, resolved.kind, [], origin)
-        node.in_upper = True
-        node.redirect = xattrs.redirect
+        node.set_in_upper(True)
+        node.set_redirect(xattrs.redirect)
         if chain is not None:
             self._take_chain(node, chain, top)
         if index_name is not None:
@@ -187,8 +186,7 @@ class MergedTree:
     def _take_chain(node: Node, chain: Chain, top: Source) -> None:
         if not chain.metacopy:
             return
-        node.metacopy = True
-        node.data = chain.data
+        node.set_data(metacopy=True, data=chain.data)
         if chain.data is None:
             log.warning(
                 "metadata-only file %s (%s) has no data in any lower layer: reading it fails",
@@ -254,20 +252,19 @@ class MergedTree:
             node = None
         if node is None:
             node = self.inodes.new_node(index_key, stat.S_IFREG, lower, key)
-            node.in_upper = True
-            node.link_difference = self.index.link_difference(
-                self.index.fd, index_name, index_st, st.st_nlink
+            node.set_in_upper(True)
+            node.set_index(
+                index_name,
+                self.index.link_difference(self.index.fd, index_name, index_st, st.st_nlink),
             )
             if index_st.st_size and any(
                 attribute in whiteout.METACOPY_XATTRS
                 for attribute in safeio.list_xattrs(self.index.fd, index_name)
             ):
-                node.metacopy = True  # (the kernel's): the data is the origin, this inode
-                node.data = top
-        node.index_name = index_name
-        if not node.lower:
-            node.lower = lower
-        node.lower_nlink = max(node.lower_nlink, st.st_nlink)
+                # (the kernel's): the data is the origin, this inode
+                node.set_data(metacopy=True, data=top)
+        node.set_index(index_name)
+        node.set_lower(node.lower or lower, lower_nlink=st.st_nlink)
         self.inodes.alias(key, node)
         return node
 
@@ -283,15 +280,13 @@ class MergedTree:
         """An upper file that is an indexed copy: take its merged link count record."""
         assert self.upper is not None and self.index is not None
         dir_fd, entry = self.upper.parent_and_name(link_path(parent, name))
-        node.index_name = index_name
-        node.link_difference = self.index.link_difference(dir_fd, entry, st, st.st_nlink)
+        node.set_index(index_name, self.index.link_difference(dir_fd, entry, st, st.st_nlink))
 
     def consume_lower_link(self, node: Node) -> None:
         """One lower name of ``node`` stops showing it from below (copied up, linked up,
         whited out or replaced); an indexed file records its new merged link count."""
-        node.lower_links_consumed += 1
+        node.consume_lower_link()
         if node.index_name is not None and node.in_upper:
-            node.link_difference -= 1
             self.save_link_difference(node)
 
     def save_link_difference(self, node: Node) -> None:
@@ -312,10 +307,9 @@ class MergedTree:
             return
         self.index.remove(node.index_name)
         self.inodes.drop_key((st.st_dev, st.st_ino), node)
-        node.index_name = None
+        node.set_index(None)
         if node.upper_link() is None:
-            node.in_upper = False  # no name anywhere: an fd still open sees the file itself
-            node.lower = []
+            node.forget_layers()  # no name anywhere: an fd still open sees the file itself
 
     # attributes ----------------------------------------------------------------------
     def stat(self, node: Node) -> os.stat_result:
@@ -378,6 +372,25 @@ class MergedTree:
         parent_fd, name = self.top_location(node)
         assert name is not None  # only the root has no name, and it is a directory
         return safeio.readlink(parent_fd, name)
+
+    def get_xattr(self, node: Node, shown: str) -> bytes:
+        """The value of xattr ``shown`` (its name in the merged view) on the node's top
+        object; ENODATA when absent or overlay bookkeeping."""
+        stored = whiteout.stored_xattr_name(shown)
+        if stored is None:
+            raise OSError(errno.ENODATA, "private")
+        dir_fd, entry = self.top_location(node)
+        value = safeio.get_xattr(dir_fd, entry, stored)
+        if value is None:
+            raise OSError(errno.ENODATA, "no such attribute")
+        return value
+
+    def list_xattrs(self, node: Node) -> list[str]:
+        """The node's xattrs as the merged view shows them (bookkeeping hidden, escaped
+        ones unescaped)."""
+        dir_fd, entry = self.top_location(node)
+        shown = (whiteout.shown_xattr_name(stored) for stored in safeio.list_xattrs(dir_fd, entry))
+        return [name for name in shown if name is not None]
 
     def top_location(self, node: Node) -> tuple[int, bytes | None]:
         """(directory fd, name) reaching the node's top object; name None means the fd

@@ -77,7 +77,7 @@ class WorkDir:
             if os.fstat(base_fd).st_dev != upper_device:
                 raise OSError(errno.EXDEV, "workdir must be on the same filesystem as the upper")
             try:
-                os.mkdir(WORK_NAME, 0o700, dir_fd=base_fd)
+                safeio.mkdir(base_fd, WORK_NAME, 0o700)
             except FileExistsError:
                 pass
             self.fd = safeio.open_dir(base_fd, WORK_NAME)
@@ -92,7 +92,7 @@ class WorkDir:
     def _open_index(base_fd: int) -> int | None:
         """The index directory (made if missing); None when it cannot be used."""
         with contextlib.suppress(FileExistsError):
-            os.mkdir(INDEX_NAME, 0o700, dir_fd=base_fd)
+            safeio.mkdir(base_fd, INDEX_NAME, 0o700)
         try:
             return safeio.open_dir(base_fd, INDEX_NAME)
         except OSError:
@@ -107,11 +107,11 @@ class WorkDir:
             return whiteout.USER_PREFIX
         probe = whiteout.TRUSTED_PREFIX + "unionfs-probe"
         try:
-            os.setxattr(self.fd, probe, b"1")
+            safeio.set_xattr(self.fd, None, probe, b"1")
         except OSError:
             return whiteout.USER_PREFIX
         with contextlib.suppress(OSError):
-            os.removexattr(self.fd, probe)
+            safeio.remove_xattr(self.fd, None, probe)
         return whiteout.TRUSTED_PREFIX
 
     def temp_name(self) -> bytes:
@@ -133,7 +133,7 @@ class WorkDir:
         try:
             for name in (INCOMPAT_NAME, VOLATILE_NAME):
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, 0o700, dir_fd=parent)
+                    safeio.mkdir(parent, name, 0o700)
                 parent = safeio.open_dir(parent, name)
                 opened.append(parent)
             fd = safeio.open_file(parent, DIRTY_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 MTIME = 1_700_000_000
 
@@ -25,10 +26,10 @@ class LayerTar:
         self.buffer = io.BytesIO()
         self.tar = tarfile.open(fileobj=self.buffer, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
-    def _add(self, info: tarfile.TarInfo, data: bytes | None = None, **attrs: object) -> LayerTar:
-        info.mtime = int(attrs.pop("mtime", MTIME))  # type: ignore[call-overload]
-        info.uid = int(attrs.pop("uid", 0))  # type: ignore[call-overload]
-        info.gid = int(attrs.pop("gid", 0))  # type: ignore[call-overload]
+    def _add(self, info: tarfile.TarInfo, data: bytes | None = None, **attrs: Any) -> LayerTar:
+        info.mtime = int(attrs.pop("mtime", MTIME))
+        info.uid = int(attrs.pop("uid", 0))
+        info.gid = int(attrs.pop("gid", 0))
         xattrs = attrs.pop("xattrs", None) or {}
         assert isinstance(xattrs, dict)
         info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
@@ -40,25 +41,25 @@ class LayerTar:
             self.tar.addfile(info)
         return self
 
-    def file(self, name: str, data: bytes = b"", mode: int = 0o644, **attrs: object) -> LayerTar:
+    def file(self, name: str, data: bytes = b"", mode: int = 0o644, **attrs: Any) -> LayerTar:
         info = tarfile.TarInfo(name)
         info.mode = mode
         return self._add(info, data, **attrs)
 
-    def dir(self, name: str, mode: int = 0o755, **attrs: object) -> LayerTar:
+    def dir(self, name: str, mode: int = 0o755, **attrs: Any) -> LayerTar:
         info = tarfile.TarInfo(name)
         info.type = tarfile.DIRTYPE
         info.mode = mode
         return self._add(info, **attrs)
 
-    def symlink(self, name: str, target: str, **attrs: object) -> LayerTar:
+    def symlink(self, name: str, target: str, **attrs: Any) -> LayerTar:
         info = tarfile.TarInfo(name)
         info.type = tarfile.SYMTYPE
         info.linkname = target
         info.mode = 0o777
         return self._add(info, **attrs)
 
-    def hardlink(self, name: str, target: str, **attrs: object) -> LayerTar:
+    def hardlink(self, name: str, target: str, **attrs: Any) -> LayerTar:
         info = tarfile.TarInfo(name)
         info.type = tarfile.LNKTYPE
         info.linkname = target

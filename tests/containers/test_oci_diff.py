@@ -196,3 +196,34 @@ def test_metacopy_file_exports_lower_data(tmp_path: Path) -> None:
             assert extracted is not None and extracted.read() == data
             assert member.mode == 0o600
             assert not any("overlay" in k for k in member.pax_headers)
+
+
+def test_escaped_overlay_xattr_set_through_the_mount_survives_diff(tmp_path: Path) -> None:
+    """An xattr named ``*.overlay.X`` set through the mount is the user's data: the upper stores
+    it escaped (``*.overlay.overlay.X``, as Linux >= 6.7 does) and the exported layer carries it
+    under the name the mount shows."""
+    from tests.support.mounts import unionfs_mounted
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "f").write_text("f\n")
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for directory in (upper, work, mnt):
+        directory.mkdir()
+    names = ["user.overlay.note"] + (["trusted.overlay.note"] if IS_ROOT else [])
+    with unionfs_mounted([base], mnt, upper=upper, workdir=work):
+        for name in names:
+            os.setxattr(mnt / "f", name, b"mine")
+            assert os.getxattr(mnt / "f", name) == b"mine"
+    stored = os.listxattr(upper / "f")
+    for name in names:
+        prefix, rest = name.split(".overlay.")
+        assert f"{prefix}.overlay.overlay.{rest}" in stored
+    # (a metadata-only copy-up: its data is read from the lower layer)
+    result = oci.diff_upper(upper, tmp_path / "layer.tar", progress=False, lowers=[base])
+    assert result.members == 1
+    f = members((tmp_path / "layer.tar").read_bytes())["f"]
+    exported = {k: v for k, v in f.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+    for name in names:
+        assert exported["SCHILY.xattr." + name] == "mine"
+    assert not any(".overlay.overlay." in key for key in exported)

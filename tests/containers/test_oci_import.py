@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tests.containers.oci_build import (
     write_oci_layout,
 )
 from unionfs import oci
+from unionfs.oci import store
 
 IS_ROOT = os.geteuid() == 0
 
@@ -181,7 +183,7 @@ def test_zstd_without_decoder_is_a_clear_error(
     if shutil.which("zstd") is None:
         pytest.skip("needs zstd to build the test image")
     image = write_oci_layout(tmp_path / "img", [base_layer()], compression=["zstd"])
-    monkeypatch.setattr(oci.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
     with pytest.raises(oci.ImageError, match="zstd"):
         oci.import_image(image, tmp_path / "dest", progress=False)
 
@@ -301,7 +303,7 @@ def test_device_nodes_refused_for_unprivileged_user(
     layer.write_bytes(
         LayerTar().device("null", 1, 3).device("sda", 8, 0, block=True).file("ok", b"1").bytes()
     )
-    monkeypatch.setattr(oci.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     messages: list[str] = []
     result = oci.import_image(layer, tmp_path / "dest", progress=False, warn=messages.append)
     root = result.layer_dirs[0]
@@ -321,8 +323,8 @@ def test_device_nodes_kept_as_root(tmp_path: Path) -> None:
 def test_unprivileged_without_mknod_keeps_oci_whiteouts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(oci.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(oci, "_can_mknod_whiteout", lambda _fd: False)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(store, "can_mknod_whiteout", lambda _fd: False)
     layer = tmp_path / "layer.tar"
     layer.write_bytes(top_layer())
     root = oci.import_image(layer, tmp_path / "dest", progress=False).layer_dirs[0]
@@ -450,10 +452,10 @@ def test_progress_only_on_a_tty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     image = write_oci_layout(tmp_path / "img", [base_layer(), top_layer()])
     tty = Tty()
-    monkeypatch.setattr(oci.sys, "stderr", tty)
+    monkeypatch.setattr(sys, "stderr", tty)
     oci.import_image(image, tmp_path / "a", progress=True)
     assert "\r" in tty.getvalue() and "layer 2/2" in tty.getvalue()
     plain = io.StringIO()
-    monkeypatch.setattr(oci.sys, "stderr", plain)
+    monkeypatch.setattr(sys, "stderr", plain)
     oci.import_image(image, tmp_path / "b", progress=True)
     assert plain.getvalue() == ""

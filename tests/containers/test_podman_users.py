@@ -113,8 +113,17 @@ def test_user_65534_runs_a_root_owned_binary(rig: PodmanRig) -> None:
                         check=False)  # fmt: skip
     assert result.returncode == 0, f"{result.stderr}\n{rig.log_tail()}"
     assert result.stdout.startswith("uid=65534"), result.stdout
-    written = rig.podman("run", "--rm", "--user", "65534:65534", IMAGE, "sh", "-c",
-                         "echo x > /tmp/mine && ls -ln /tmp/mine && cat /etc/motd", check=False)
+    written = rig.podman(
+        "run",
+        "--rm",
+        "--user",
+        "65534:65534",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo x > /tmp/mine && ls -ln /tmp/mine && cat /etc/motd",
+        check=False,
+    )
     assert written.returncode == 0, written.stderr
     assert written.stdout.split()[2:4] == ["65534", "65534"] and "welcome" in written.stdout
 

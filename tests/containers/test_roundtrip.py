@@ -79,8 +79,10 @@ def change(merged: Path) -> None:
 
 
 @contextlib.contextmanager
-def _unionfs(layers: list[Path], mnt: Path, **kw: Path) -> Iterator[Path]:
-    with unionfs_mounted(layers, mnt, **kw) as m:
+def _unionfs(
+    layers: list[Path], mnt: Path, *, upper: Path | None = None, workdir: Path | None = None
+) -> Iterator[Path]:
+    with unionfs_mounted(layers, mnt, upper=upper, workdir=workdir) as m:
         yield m
 
 

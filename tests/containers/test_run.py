@@ -86,9 +86,7 @@ def test_run_unshare_fallback_without_bwrap(
     rootfs: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_which = shutil.which
-    monkeypatch.setattr(
-        run.shutil, "which", lambda name: None if name == "bwrap" else real_which(name)
-    )
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "bwrap" else real_which(name))
     argv = run.container_argv(scratch, ["true"])
     assert Path(argv[0]).name == "unshare"
     upper = scratch / "upper"

@@ -33,9 +33,7 @@ FUSE_OPTIONS = ("allow_other",)
 KERNEL_WRITABLE_OPTIONS = tuple(
     # metacopy=on: unionfs copies metadata-only (like the kernel with metacopy=on); a kernel
     # without it refuses such uppers (documented in the README's known differences).
-    os.environ.get(
-        "UNIONFS_DIFF_KERNEL_OPTIONS", "redirect_dir=on,index=on,metacopy=on"
-    ).split(",")
+    os.environ.get("UNIONFS_DIFF_KERNEL_OPTIONS", "redirect_dir=on,index=on,metacopy=on").split(",")
 )
 
 

@@ -480,8 +480,9 @@ ROTATION_BASE = [
         {
             "d/base": b"base file\n" * 100,
             "d/sub/deep": b"deep\n",
-            "f": file(b"0123456789" * 50, mode=0o640, uid=1000, gid=1000,
-                      xattrs=(("user.k", b"v"),)),
+            "f": file(
+                b"0123456789" * 50, mode=0o640, uid=1000, gid=1000, xattrs=(("user.k", b"v"),)
+            ),
             "hl/one": b"linked content\n" * 10,
             "hl/two": hard("hl/one"),
             "gone": b"to be deleted\n",

@@ -144,7 +144,7 @@ def errno_of(path: Path) -> int:
     try:
         os.lstat(path)
     except OSError as error:
-        return error.errno
+        return error.errno or 0
     return 0
 
 
@@ -152,7 +152,7 @@ def read_result(path: Path) -> bytes | int:
     try:
         return path.read_bytes()
     except OSError as error:
-        return error.errno
+        return error.errno or 0
 
 
 def observe(root: Path) -> tuple[Snapshot, dict[str, object]]:
@@ -217,7 +217,7 @@ def append_errno(path: Path) -> int:
         with open(path, "ab") as file:
             file.write(b"more")
     except OSError as error:
-        return error.errno
+        return error.errno or 0
     return 0
 
 

@@ -15,14 +15,20 @@ from tests.support.mounts import fuse_mounted, unionfs_mounted
 
 
 def unionfs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "unionfs", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "unionfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_status_and_which(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
     layers = tmp_layers({"base": "b", "d/x": "1"}, {"top": "t", "d/y": "2"})
-    with unionfs_mounted(layers, mountpoint, upper=tmp_path / "up",
-                         workdir=tmp_path / "work") as mnt:
+    with unionfs_mounted(
+        layers, mountpoint, upper=tmp_path / "up", workdir=tmp_path / "work"
+    ) as mnt:
         (mnt / "base").write_text("changed")
         (mnt / "top").unlink()
         result = unionfs("status", str(mnt))
@@ -52,16 +58,22 @@ def test_fuse_overlayfs_form(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: 
     base, top = tmp_layers({"f": "base", "g": "g"}, {"f": "top"})
     (tmp_path / "up").mkdir()
     (tmp_path / "work").mkdir()
-    argv = [sys.executable, "-m", "unionfs", "-o",
-            f"lowerdir={top}:{base},upperdir={tmp_path / 'up'},workdir={tmp_path / 'work'},"
-            'context="system_u:object_r:container_file_t:s0:c1,c2",noacl,fsync=0',
-            str(mountpoint)]
+    argv = [
+        sys.executable,
+        "-m",
+        "unionfs",
+        "-o",
+        f"lowerdir={top}:{base},upperdir={tmp_path / 'up'},workdir={tmp_path / 'work'},"
+        'context="system_u:object_r:container_file_t:s0:c1,c2",noacl,fsync=0',
+        str(mountpoint),
+    ]
     with fuse_mounted(argv, mountpoint, marker="unionfs") as mnt:
         assert (mnt / "f").read_text() == "top"
         (mnt / "g").write_text("written")
         assert os.statvfs(mnt).f_namemax > 0
-        statfs = subprocess.run(["stat", "-f", "-c", "%t", str(mnt)], capture_output=True,
-                                text=True, check=True).stdout.strip()
+        statfs = subprocess.run(
+            ["stat", "-f", "-c", "%t", str(mnt)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         assert statfs == "65735546"  # FUSE_SUPER_MAGIC, what containers/storage checks
     assert (tmp_path / "up/g").read_text() == "written"
 
@@ -75,8 +87,9 @@ def test_uid_mapping_through_mount(shared_tmp: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     options = ["uidmapping=0:1000:1", "gidmapping=0:2000:1"]
-    with unionfs_mounted(layers, mountpoint, upper=tmp_path / "up", workdir=tmp_path / "work",
-                         options=options) as mnt:
+    with unionfs_mounted(
+        layers, mountpoint, upper=tmp_path / "up", workdir=tmp_path / "work", options=options
+    ) as mnt:
         st = (mnt / "owned").stat()
         assert (st.st_uid, st.st_gid) == (1000, 2000)  # 0:0 on disk
         other = (mnt / "other").stat()
@@ -88,8 +101,21 @@ def test_uid_mapping_through_mount(shared_tmp: Path) -> None:
         # A process running as the shown owner (uid 1000) may write its directory (allow_other
         # is on for root's mounts): the new file is stored as 0 on disk.
         made = subprocess.run(
-            ["setpriv", "--reuid", "1000", "--regid", "2000", "--clear-groups", "sh", "-c",
-             f"echo n > {mnt}/dir/new"], capture_output=True, text=True, check=False)
+            [
+                "setpriv",
+                "--reuid",
+                "1000",
+                "--regid",
+                "2000",
+                "--clear-groups",
+                "sh",
+                "-c",
+                f"echo n > {mnt}/dir/new",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert made.returncode == 0, made.stderr
         assert (mnt / "dir/new").stat().st_uid == 1000
         new = (tmp_path / "up/dir/new").stat()
@@ -103,14 +129,23 @@ def test_status_numbers_lowers_base_first(tmp_layers: TmpLayers, mountpoint: Pat
     with unionfs_mounted(layers, mountpoint) as mnt:
         result = unionfs("status", str(mnt))
     lines = [line.strip() for line in result.stdout.splitlines() if line.startswith("  lower")]
-    assert lines == [f"lower 0: {layers[0]}  (base)", f"lower 1: {layers[1]}",
-                     f"lower 2: {layers[2]}  (top)"], result.stdout
+    assert lines == [
+        f"lower 0: {layers[0]}  (base)",
+        f"lower 1: {layers[1]}",
+        f"lower 2: {layers[2]}  (top)",
+    ], result.stdout
 
 
-def test_unwritable_log_is_a_one_line_error(tmp_layers: TmpLayers, mountpoint: Path,
-                                            tmp_path: Path) -> None:
-    result = unionfs("mount", "--log", str(tmp_path / "missing-dir" / "log"),
-                     str(tmp_layers({"f": "1"})[0]), str(mountpoint))
+def test_unwritable_log_is_a_one_line_error(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
+) -> None:
+    result = unionfs(
+        "mount",
+        "--log",
+        str(tmp_path / "missing-dir" / "log"),
+        str(tmp_layers({"f": "1"})[0]),
+        str(mountpoint),
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "cannot write log" in result.stderr
     assert "Traceback" not in result.stderr

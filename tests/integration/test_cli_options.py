@@ -59,9 +59,22 @@ def test_mount8_and_fstab_options_do_not_fail_the_mount(tmp_layers: TmpLayers,
     """relatime, diratime, nodiratime, lazytime, nonempty, rootmode=, blksize= reached libfuse,
     which refused them: the mount failed."""
     (mountpoint / "already-here").write_text("x")
-    options = ["relatime", "diratime", "nodiratime", "lazytime", "nonempty", "rootmode=40755",
-               "blksize=4096", "strictatime", "defaults", "noauto", "_netdev", "nofail",
-               "x-systemd.automount", "context=system_u:object_r:container_file_t:s0"]
+    options = [
+        "relatime",
+        "diratime",
+        "nodiratime",
+        "lazytime",
+        "nonempty",
+        "rootmode=40755",
+        "blksize=4096",
+        "strictatime",
+        "defaults",
+        "noauto",
+        "_netdev",
+        "nofail",
+        "x-systemd.automount",
+        "context=system_u:object_r:container_file_t:s0",
+    ]
     with unionfs_mounted(tmp_layers({"f": "1"}), mountpoint, options=options) as mnt:
         assert (mnt / "f").read_text() == "1"
 
@@ -306,11 +319,20 @@ def test_mount_t_and_fstab_reach_unionfs_not_unionfs_fuse(tmp_layers: TmpLayers,
     upper.mkdir()
     work.mkdir()
     options = f"lowerdir={layers[1]}:{layers[0]},upperdir={upper},workdir={work},relatime,nosuid"
-    fake = subprocess.run(["mount", "-f", "-t", "fuse.unionfs-py", "unionfs", str(mountpoint),
-                           "-o", options], capture_output=True, text=True, check=False)
+    fake = subprocess.run(
+        ["mount", "-f", "-t", "fuse.unionfs-py", "unionfs", str(mountpoint), "-o", options],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert fake.returncode == 0 and not is_mounted(mountpoint), fake.stderr
-    result = subprocess.run(["mount", "-t", "fuse.unionfs-py", "unionfs", str(mountpoint), "-o",
-                             options], capture_output=True, text=True, check=False, timeout=60)
+    result = subprocess.run(
+        ["mount", "-t", "fuse.unionfs-py", "unionfs", str(mountpoint), "-o", options],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     try:
         assert result.returncode == 0, result.stderr
         entry = mount_entry(mountpoint)

@@ -60,8 +60,12 @@ def test_read_only_closes_send_no_flush_and_writable_ones_do(
     layers = tmp_layers({"file": "lower data"})
     log = default_log(mountpoint)
     with unionfs_mounted(
-        layers, mountpoint, upper=tmp_path / "up", workdir=tmp_path / "work",
-        options=[f"writeback={writeback}"], extra_args=["--debug"],
+        layers,
+        mountpoint,
+        upper=tmp_path / "up",
+        workdir=tmp_path / "work",
+        options=[f"writeback={writeback}"],
+        extra_args=["--debug"],
     ) as mnt:
         start = log_size(log)
         for _ in range(5):
@@ -86,7 +90,10 @@ def test_directory_listings_are_cached_by_the_kernel(
     layers = tmp_layers(names, {"d/upper-only": "x"})
     log = default_log(mountpoint)
     with unionfs_mounted(
-        layers, mountpoint, upper=tmp_path / "up", workdir=tmp_path / "work",
+        layers,
+        mountpoint,
+        upper=tmp_path / "up",
+        workdir=tmp_path / "work",
         extra_args=["--debug"],
     ) as mnt:
         expected = sorted([f"f{index:04d}" for index in range(300)] + ["upper-only"])
@@ -120,8 +127,11 @@ def test_listing_without_opendir_survives_a_rewind_and_seekdir(
         fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
         try:
             first = subprocess.run(
-                ["ls", "-U", "-a", f"/proc/self/fd/{fd}/"], pass_fds=(fd,),
-                capture_output=True, text=True, check=True,
+                ["ls", "-U", "-a", f"/proc/self/fd/{fd}/"],
+                pass_fds=(fd,),
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout.split()
         finally:
             os.close(fd)
@@ -374,9 +384,7 @@ def test_fallocate_and_holes_match_kernel_overlayfs(
     assert results[0][1] == results[1][1]
 
 
-def test_the_daemon_reports_its_pyfuse3_build(
-    tmp_layers: TmpLayers, mountpoint: Path
-) -> None:
+def test_the_daemon_reports_its_pyfuse3_build(tmp_layers: TmpLayers, mountpoint: Path) -> None:
     layers = tmp_layers({"a": "a"})
     log = default_log(mountpoint)
     with unionfs_mounted(layers, mountpoint):
@@ -390,15 +398,23 @@ def _acl_denying(uid: int) -> bytes:
     others r (the kernel's binary format, version 2)."""
     import struct
 
-    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 0, uid), (0x04, 4, 0xFFFFFFFF),
-               (0x10, 4, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)]
+    entries = [
+        (0x01, 6, 0xFFFFFFFF),
+        (0x02, 0, uid),
+        (0x04, 4, 0xFFFFFFFF),
+        (0x10, 4, 0xFFFFFFFF),
+        (0x20, 4, 0xFFFFFFFF),
+    ]
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
 
 
 @pytest.mark.root
 @pytest.mark.parametrize("option", ["acl", "noacl"])
 def test_posix_acls_are_enforced_as_by_kernel_overlayfs(
-    tmp_layers: TmpLayers, shared_tmp: Path, ordinary_user: object, option: str,
+    tmp_layers: TmpLayers,
+    shared_tmp: Path,
+    ordinary_user: object,
+    option: str,
     require_overlay: None,
 ) -> None:
     """enable_acl (FUSE_POSIX_ACL, the default): an ACL entry denying a user is enforced, as

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -129,10 +130,13 @@ def test_copy_up_past_the_limit_leaves_nothing(tmp_layers: TmpLayers, tmp_path: 
     upper, work = tmp_path / "up", tmp_path / "work"
     with unionfs_mounted([layer], mountpoint, upper=upper, workdir=work,
                          options=["quota=128K"]) as mnt:  # fmt: skip
-        for change in (lambda: open(mnt / "big", "r+b").close(),
-                       lambda: open(mnt / "big", "ab").close(),
-                       lambda: os.truncate(mnt / "big", 400 * KIB),
-                       lambda: os.link(mnt / "big", mnt / "big2")):  # fmt: skip
+        changes: list[Callable[[], object]] = [
+            lambda: open(mnt / "big", "r+b").close(),
+            lambda: open(mnt / "big", "ab").close(),
+            lambda: os.truncate(mnt / "big", 400 * KIB),
+            lambda: os.link(mnt / "big", mnt / "big2"),
+        ]
+        for change in changes:
             with pytest.raises(OSError) as refused:
                 change()
             assert refused.value.errno == errno.EDQUOT

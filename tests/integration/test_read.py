@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,21 +35,40 @@ def tree(root: Path) -> dict[str, str]:
     return found
 
 
-STACK_BASE = {"etc/a": "base-a", "etc/gone": "x", "opt/old/x": "old", "keep/k": "k",
-              "shadow_dir/inner": "i", "shadow_file": "file"}
+STACK_BASE = {
+    "etc/a": "base-a",
+    "etc/gone": "x",
+    "opt/old/x": "old",
+    "keep/k": "k",
+    "shadow_dir/inner": "i",
+    "shadow_file": "file",
+}
 
 
 def top_layer(form: str) -> dict[str, object]:
-    common: dict[str, object] = {"etc/a": "new-a", "opt/old/y": "new-y", "shadow_dir": "now a file",
-                                 "shadow_file/z": "z"}
+    common: dict[str, object] = {
+        "etc/a": "new-a",
+        "opt/old/y": "new-y",
+        "shadow_dir": "now a file",
+        "shadow_file/z": "z",
+    }
     if form == "overlay":
         return {**common, "etc/gone": WHITEOUT, "opt/old": OPAQUE}
     return {**common, "etc/.wh.gone": "", "opt/old/.wh..wh..opq": ""}
 
 
-EXPECTED = {"etc": "d", "etc/a": "f:new-a", "opt": "d", "opt/old": "d", "opt/old/y": "f:new-y",
-            "keep": "d", "keep/k": "f:k", "shadow_dir": "f:now a file", "shadow_file": "d",
-            "shadow_file/z": "f:z"}
+EXPECTED = {
+    "etc": "d",
+    "etc/a": "f:new-a",
+    "opt": "d",
+    "opt/old": "d",
+    "opt/old/y": "f:new-y",
+    "keep": "d",
+    "keep/k": "f:k",
+    "shadow_dir": "f:now a file",
+    "shadow_file": "d",
+    "shadow_file/z": "f:z",
+}
 
 
 @pytest.mark.parametrize("form", ["overlay", "oci"])
@@ -67,8 +87,11 @@ def test_merged_view_both_formats(form: str, tmp_layers: TmpLayers, mountpoint: 
 
 def test_mount_shows_as_unionfs(tmp_layers: TmpLayers, mountpoint: Path) -> None:
     with unionfs_mounted(tmp_layers({"f": "1"}), mountpoint) as mnt:
-        line = next(entry for entry in Path("/proc/mounts").read_text().splitlines()
-                    if entry.split()[1] == str(mnt))
+        line = next(
+            entry
+            for entry in Path("/proc/mounts").read_text().splitlines()
+            if entry.split()[1] == str(mnt)
+        )
         source, _, fstype = line.split()[:3]
         assert (source, fstype) == ("unionfs", "fuse.unionfs-py")
         assert os.statvfs(mnt).f_namemax >= 255
@@ -96,8 +119,15 @@ def test_big_directory_merged_from_three_layers(tmp_layers: TmpLayers, mountpoin
 
 @pytest.mark.root
 def test_special_files_symlinks_hard_links(tmp_layers: TmpLayers, mountpoint: Path) -> None:
-    layers = tmp_layers({"link": Symlink("target/../x"), "abs": Symlink("/etc/passwd"),
-                         "up": Symlink("../../.."), "loop": Symlink("loop"), "h1": "same"})
+    layers = tmp_layers(
+        {
+            "link": Symlink("target/../x"),
+            "abs": Symlink("/etc/passwd"),
+            "up": Symlink("../../.."),
+            "loop": Symlink("loop"),
+            "h1": "same",
+        }
+    )
     base = layers[0]
     os.mkfifo(base / "fifo")
     os.mknod(base / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
@@ -122,8 +152,9 @@ def test_special_files_symlinks_hard_links(tmp_layers: TmpLayers, mountpoint: Pa
 
 
 def test_inode_numbers_stable_and_unique(tmp_layers: TmpLayers, mountpoint: Path) -> None:
-    specs = [{f"d{layer}/f{i}": "x" for i in range(50)} | {"common/x": str(layer)}
-             for layer in range(3)]
+    specs = [
+        {f"d{layer}/f{i}": "x" for i in range(50)} | {"common/x": str(layer)} for layer in range(3)
+    ]
     with unionfs_mounted(tmp_layers(*specs), mountpoint) as mnt:
         first = {str(p): p.lstat().st_ino for p in mnt.rglob("*")}
         assert len(set(first.values())) == len(first)  # no two files share an inode
@@ -158,10 +189,15 @@ def test_xattrs_private_ones_hidden(tmp_layers: TmpLayers, mountpoint: Path) -> 
 def test_read_only_mount_refuses_writes(tmp_layers: TmpLayers, mountpoint: Path) -> None:
     layers = tmp_layers({"f": "1", "d/x": "2"})
     with unionfs_mounted(layers, mountpoint) as mnt:
-        attempts = [lambda: (mnt / "f").write_text("x"), lambda: (mnt / "new").write_text("x"),
-                    lambda: (mnt / "f").unlink(), lambda: (mnt / "d2").mkdir(),
-                    lambda: os.rename(mnt / "f", mnt / "g"), lambda: os.chmod(mnt / "f", 0o600),
-                    lambda: os.symlink("x", mnt / "s")]
+        attempts: list[Callable[[], object]] = [
+            lambda: (mnt / "f").write_text("x"),
+            lambda: (mnt / "new").write_text("x"),
+            lambda: (mnt / "f").unlink(),
+            lambda: (mnt / "d2").mkdir(),
+            lambda: os.rename(mnt / "f", mnt / "g"),
+            lambda: os.chmod(mnt / "f", 0o600),
+            lambda: os.symlink("x", mnt / "s"),
+        ]
         for attempt in attempts:
             with pytest.raises(OSError) as refused:
                 attempt()
@@ -194,16 +230,19 @@ def _getdents_names(fd: int) -> list[bytes]:
     """Names the kernel returns for a directory, including . and .. (via /proc + ls -a)."""
     import subprocess
 
-    output = subprocess.run(["ls", "-a1", f"/proc/self/fd/{fd}/"], capture_output=True,
-                            check=True, pass_fds=(fd,)).stdout
+    output = subprocess.run(
+        ["ls", "-a1", f"/proc/self/fd/{fd}/"], capture_output=True, check=True, pass_fds=(fd,)
+    ).stdout
     return [line for line in output.split(b"\n") if line]
 
 
-def test_readdir_stable_under_concurrent_changes(tmp_layers: TmpLayers, mountpoint: Path,
-                                                 tmp_path: Path) -> None:
+def test_readdir_stable_under_concurrent_changes(
+    tmp_layers: TmpLayers, mountpoint: Path, tmp_path: Path
+) -> None:
     layers = tmp_layers({f"d/lower{i:03d}": "" for i in range(300)})
-    with unionfs_mounted(layers, mountpoint, upper=tmp_path / "up",
-                         workdir=tmp_path / "work") as mnt:
+    with unionfs_mounted(
+        layers, mountpoint, upper=tmp_path / "up", workdir=tmp_path / "work"
+    ) as mnt:
         stop = threading.Event()
         churned: list[int] = []
         failures: list[BaseException] = []

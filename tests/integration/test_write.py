@@ -38,21 +38,34 @@ def fingerprint(root: Path) -> dict[str, tuple[object, ...]]:
             content = hashlib.sha256(path.read_bytes()).hexdigest()
         elif stat.S_ISLNK(st.st_mode):
             content = os.readlink(path)
-        xattrs = tuple(sorted((name, os.getxattr(path, name, follow_symlinks=False))
-                              for name in os.listxattr(path, follow_symlinks=False)))
-        result[str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
-                                               st.st_mtime_ns, content, xattrs)
+        xattrs = tuple(
+            sorted(
+                (name, os.getxattr(path, name, follow_symlinks=False))
+                for name in os.listxattr(path, follow_symlinks=False)
+            )
+        )
+        result[str(path.relative_to(root))] = (
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_size,
+            st.st_mtime_ns,
+            content,
+            xattrs,
+        )
     return result
 
 
 @contextlib.contextmanager
-def writable(layers: list[Path], tmp_path: Path, mountpoint: Path,
-             extra_args: tuple[str, ...] = ()) -> Iterator[tuple[Path, Path]]:
+def writable(
+    layers: list[Path], tmp_path: Path, mountpoint: Path, extra_args: tuple[str, ...] = ()
+) -> Iterator[tuple[Path, Path]]:
     """Mount with an upper; yield (mountpoint, upper); check lowers are untouched after."""
     before = [fingerprint(layer) for layer in layers]
     upper, work = tmp_path / "upper", tmp_path / "work"
-    with unionfs_mounted(layers, mountpoint, upper=upper, workdir=work,
-                         extra_args=extra_args) as mnt:
+    with unionfs_mounted(
+        layers, mountpoint, upper=upper, workdir=work, extra_args=extra_args
+    ) as mnt:
         yield mnt, upper
     assert [fingerprint(layer) for layer in layers] == before, "a lower layer changed"
     assert os.listdir(work / "work") == [], "temporary files were left in the workdir"
@@ -63,8 +76,9 @@ def is_whiteout(path: Path) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def test_copy_up_on_write_keeps_metadata(tmp_layers: TmpLayers, tmp_path: Path,
-                                         mountpoint: Path) -> None:
+def test_copy_up_on_write_keeps_metadata(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     layers = tmp_layers({"dir/f": "hello", "dir/g": "other"})
     os.chmod(layers[0] / "dir", 0o750)
     os.chmod(layers[0] / "dir/f", 0o640)
@@ -89,10 +103,12 @@ def test_copy_up_on_write_keeps_metadata(tmp_layers: TmpLayers, tmp_path: Path,
         assert (mnt / "dir/f").stat().st_ino == inode, "copy-up changed the inode number"
 
 
-@pytest.mark.parametrize("how", ["truncate", "chmod", "utime", "setxattr", "removexattr",
-                                 "o_trunc", "rdwr"])
-def test_metadata_changes_copy_up(how: str, tmp_layers: TmpLayers, tmp_path: Path,
-                                  mountpoint: Path) -> None:
+@pytest.mark.parametrize(
+    "how", ["truncate", "chmod", "utime", "setxattr", "removexattr", "o_trunc", "rdwr"]
+)
+def test_metadata_changes_copy_up(
+    how: str, tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     layers = tmp_layers({"f": "content"})
     os.setxattr(layers[0] / "f", "user.gone", b"1")
     os.utime(layers[0] / "f", ns=(7_000_000_000, 8_000_000_000))
@@ -169,8 +185,9 @@ def test_oci_whiteout_format(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: 
         assert (upper / "d/.wh..wh..opq").is_file()
 
 
-def test_rmdir_and_mkdir_makes_opaque(tmp_layers: TmpLayers, tmp_path: Path,
-                                      mountpoint: Path) -> None:
+def test_rmdir_and_mkdir_makes_opaque(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     layers = tmp_layers({"d/a": "1", "d/sub/b": "2"})
     with writable(layers, tmp_path, mountpoint) as (mnt, upper):
         with pytest.raises(OSError) as not_empty:
@@ -182,8 +199,9 @@ def test_rmdir_and_mkdir_makes_opaque(tmp_layers: TmpLayers, tmp_path: Path,
         assert os.getxattr(upper / "d", OPAQUE_XATTR) == b"y"
 
 
-def test_rmdir_of_merged_dir_empty_in_view(tmp_layers: TmpLayers, tmp_path: Path,
-                                           mountpoint: Path) -> None:
+def test_rmdir_of_merged_dir_empty_in_view(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     layers = tmp_layers({"d/a": "1"}, {"d/b": "2"})
     with writable(layers, tmp_path, mountpoint) as (mnt, upper):
         (mnt / "d/a").unlink()
@@ -192,8 +210,9 @@ def test_rmdir_of_merged_dir_empty_in_view(tmp_layers: TmpLayers, tmp_path: Path
         assert not (mnt / "d").exists() and is_whiteout(upper / "d")
 
 
-def test_rename_lower_directory_is_o1(tmp_layers: TmpLayers, tmp_path: Path,
-                                      mountpoint: Path) -> None:
+def test_rename_lower_directory_is_o1(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     layers = tmp_layers({f"tree/sub{i}/f{j}": f"{i}-{j}" for i in range(5) for j in range(20)})
     with writable(layers, tmp_path, mountpoint) as (mnt, upper):
         inode = (mnt / "tree").stat().st_ino
@@ -212,8 +231,9 @@ def test_rename_lower_directory_is_o1(tmp_layers: TmpLayers, tmp_path: Path,
         assert os.getxattr(upper / "other/again", REDIRECT_XATTR) == b"/tree"
 
 
-def test_hard_links_survive_copy_up(tmp_layers: TmpLayers, tmp_path: Path,
-                                    mountpoint: Path) -> None:
+def test_hard_links_survive_copy_up(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     layers = tmp_layers({"a": "old", "dir": DIR})
     os.link(layers[0] / "a", layers[0] / "dir/b")
     with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
@@ -232,8 +252,9 @@ ORIGIN_XATTR = "trusted.overlay.origin" if os.geteuid() == 0 else "user.overlay.
 NLINK_XATTR = "trusted.overlay.nlink" if os.geteuid() == 0 else "user.overlay.nlink"
 
 
-def test_hard_links_copied_up_stay_one_file_after_remount(tmp_layers: TmpLayers, tmp_path: Path,
-                                                           mountpoint: Path) -> None:
+def test_hard_links_copied_up_stay_one_file_after_remount(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     """The copy of a lower file with three names is recorded in WORKDIR/index (kernel format):
     after a remount the names never copied up show the new data, one inode and the count."""
     layers = tmp_layers({"a": "old", "dir": DIR, "c": "other"})
@@ -259,8 +280,9 @@ def test_hard_links_copied_up_stay_one_file_after_remount(tmp_layers: TmpLayers,
         assert (mnt / "c2").read_text() == "newer"
 
 
-def test_hard_link_count_is_kept_across_remounts(tmp_layers: TmpLayers, tmp_path: Path,
-                                                 mountpoint: Path) -> None:
+def test_hard_link_count_is_kept_across_remounts(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     """Unlinking or renaming lower names of a hard-linked file: the merged count is recorded,
     and the index entry goes with the last name."""
     layers = tmp_layers({"a": "data", "keep": "k"})
@@ -285,8 +307,9 @@ def test_hard_link_count_is_kept_across_remounts(tmp_layers: TmpLayers, tmp_path
     assert os.listdir(tmp_path / "work/index") == [], "the index entry outlived its names"
 
 
-def test_orphaned_index_entries_are_removed_at_mount(tmp_layers: TmpLayers, tmp_path: Path,
-                                                     mountpoint: Path) -> None:
+def test_orphaned_index_entries_are_removed_at_mount(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     """A crash after the last name of an indexed file went but before its index entry did:
     the next mount removes the entry (only the index links it, its merged count is 0)."""
     layers = tmp_layers({"a": "data"})
@@ -303,8 +326,7 @@ def test_orphaned_index_entries_are_removed_at_mount(tmp_layers: TmpLayers, tmp_
     assert os.listdir(index) == [entry.name]
 
 
-def test_index_off_writes_no_index(tmp_layers: TmpLayers, tmp_path: Path,
-                                   mountpoint: Path) -> None:
+def test_index_off_writes_no_index(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
     layers = tmp_layers({"a": "old"})
     os.link(layers[0] / "a", layers[0] / "b")
     with writable(layers, tmp_path, mountpoint, extra_args=("-o", "index=off")) as (mnt, upper):
@@ -315,8 +337,9 @@ def test_index_off_writes_no_index(tmp_layers: TmpLayers, tmp_path: Path,
 
 
 @pytest.mark.root
-def test_kernel_sees_our_hard_link_index(tmp_layers: TmpLayers, tmp_path: Path,
-                                         mountpoint: Path) -> None:
+def test_kernel_sees_our_hard_link_index(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     layers = tmp_layers({"a": "old"})
     os.link(layers[0] / "a", layers[0] / "b")
     os.link(layers[0] / "a", layers[0] / "c")
@@ -325,16 +348,18 @@ def test_kernel_sees_our_hard_link_index(tmp_layers: TmpLayers, tmp_path: Path,
         os.unlink(mnt / "c")
     kernel = tmp_path / "kernel"
     kernel.mkdir()
-    with overlay_mounted(layers, kernel, upper=tmp_path / "upper", workdir=tmp_path / "work",
-                         options=KERNEL_OPTIONS):
+    with overlay_mounted(
+        layers, kernel, upper=tmp_path / "upper", workdir=tmp_path / "work", options=KERNEL_OPTIONS
+    ):
         assert (kernel / "b").read_text() == "new"
         assert (kernel / "b").stat().st_ino == (kernel / "a").stat().st_ino
         assert (kernel / "b").stat().st_nlink == 2
         assert not (kernel / "c").exists()
 
 
-def test_reader_sees_copy_up_by_another_writer(tmp_layers: TmpLayers, tmp_path: Path,
-                                               mountpoint: Path) -> None:
+def test_reader_sees_copy_up_by_another_writer(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     layers = tmp_layers({"f": "before"})
     with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
         reader = os.open(mnt / "f", os.O_RDONLY)
@@ -369,9 +394,14 @@ def test_rename_flags(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -
 def test_rename_errors(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
     layers = tmp_layers({"f": "1", "d/x": "2", "e": DIR})
     with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
-        cases = [(mnt / "d", mnt / "f", errno.ENOTDIR), (mnt / "f", mnt / "d", errno.EISDIR),
-                 (mnt / "e", mnt / "d", errno.ENOTEMPTY), (mnt / "d", mnt / "d/x/y", errno.ENOTDIR),
-                 (mnt / "d", mnt / "d/sub", errno.EINVAL), (mnt / "none", mnt / "z", errno.ENOENT)]
+        cases = [
+            (mnt / "d", mnt / "f", errno.ENOTDIR),
+            (mnt / "f", mnt / "d", errno.EISDIR),
+            (mnt / "e", mnt / "d", errno.ENOTEMPTY),
+            (mnt / "d", mnt / "d/x/y", errno.ENOTDIR),
+            (mnt / "d", mnt / "d/sub", errno.EINVAL),
+            (mnt / "none", mnt / "z", errno.ENOENT),
+        ]
         for source, target, expected in cases:
             with pytest.raises(OSError) as failed:
                 os.rename(source, target)
@@ -406,10 +436,10 @@ def test_model_checked_random_io(tmp_layers: TmpLayers, tmp_path: Path, mountpoi
                     os.pwrite(fd, chunk, offset)
                     if offset > len(model):
                         model.extend(bytes(offset - len(model)))
-                    model[offset:offset + len(chunk)] = chunk
+                    model[offset : offset + len(chunk)] = chunk
                 elif action < 0.9:
                     size = rng.randrange(1, 5000)
-                    assert os.pread(fd, size, offset) == bytes(model[offset:offset + size]), step
+                    assert os.pread(fd, size, offset) == bytes(model[offset : offset + size]), step
                 elif action < 0.97:
                     length = rng.randrange(0, 100_000)
                     os.ftruncate(fd, length)
@@ -426,8 +456,10 @@ def test_model_checked_random_io(tmp_layers: TmpLayers, tmp_path: Path, mountpoi
 
 @pytest.mark.root
 def test_kernel_reads_our_upper(tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path) -> None:
-    layers = tmp_layers({"keep": "k", "gone": "g", "tree/a/b": "ab", "d/x": "x", "h": "h"},
-                        {"top": "t", "tree/c": "c"})
+    layers = tmp_layers(
+        {"keep": "k", "gone": "g", "tree/a/b": "ab", "d/x": "x", "h": "h"},
+        {"top": "t", "tree/c": "c"},
+    )
     with writable(layers, tmp_path, mountpoint) as (mnt, _upper):
         (mnt / "gone").unlink()
         os.rename(mnt / "tree", mnt / "renamed")
@@ -439,8 +471,13 @@ def test_kernel_reads_our_upper(tmp_layers: TmpLayers, tmp_path: Path, mountpoin
         seen_by_us = snapshot(mnt)
     kernel_mnt = tmp_path / "kernel"
     kernel_mnt.mkdir()
-    with overlay_mounted(layers, kernel_mnt, upper=tmp_path / "upper",
-                         workdir=tmp_path / "work", options=KERNEL_OPTIONS) as kernel:
+    with overlay_mounted(
+        layers,
+        kernel_mnt,
+        upper=tmp_path / "upper",
+        workdir=tmp_path / "work",
+        options=KERNEL_OPTIONS,
+    ) as kernel:
         assert snapshot(kernel) == seen_by_us
 
 
@@ -452,8 +489,9 @@ def test_we_read_kernel_upper(tmp_layers: TmpLayers, tmp_path: Path, mountpoint:
     upper, work = tmp_path / "kupper", tmp_path / "kwork"
     upper.mkdir()
     work.mkdir()
-    with overlay_mounted(layers, kernel_mnt, upper=upper, workdir=work,
-                         options=KERNEL_OPTIONS) as kernel:
+    with overlay_mounted(
+        layers, kernel_mnt, upper=upper, workdir=work, options=KERNEL_OPTIONS
+    ) as kernel:
         (kernel / "gone").unlink()
         os.rename(kernel / "tree", kernel / "renamed")
         subprocess.run(["rm", "-rf", str(kernel / "d")], check=True)
@@ -474,16 +512,22 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
             content = path.read_bytes()
         elif stat.S_ISLNK(st.st_mode):
             content = os.readlink(path)
-        result[str(path.relative_to(root))] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
-                                               st.st_uid, st.st_size, content)
+        result[str(path.relative_to(root))] = (
+            stat.S_IFMT(st.st_mode),
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_size,
+            content,
+        )
     return result
 
 
 METACOPY_XATTR = "trusted.overlay.metacopy" if os.geteuid() == 0 else "user.overlay.metacopy"
 
 
-def test_metadata_only_copy_up_survives_remount(tmp_layers: TmpLayers, tmp_path: Path,
-                                                mountpoint: Path) -> None:
+def test_metadata_only_copy_up_survives_remount(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     """chmod/chown/utime/rename of a lower file copy no data (kernel metacopy format); the
     data is copied on the first write, also after a remount."""
     payload = os.urandom(300_000)
@@ -511,8 +555,9 @@ def test_metadata_only_copy_up_survives_remount(tmp_layers: TmpLayers, tmp_path:
 
 
 @pytest.mark.parametrize("change", ["chmod", "rename", "utime", "setxattr"])
-def test_metacopy_off_copies_the_data(change: str, tmp_layers: TmpLayers, tmp_path: Path,
-                                      mountpoint: Path) -> None:
+def test_metacopy_off_copies_the_data(
+    change: str, tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     """-o metacopy=off: a metadata change copies the data up too (the upper file is complete,
     no overlay.metacopy), so any overlay mount reads it. It used to copy the size only: the
     file read back as zeros (found by scripts/crash-loop -o metacopy=off)."""
@@ -536,8 +581,9 @@ def test_metacopy_off_copies_the_data(change: str, tmp_layers: TmpLayers, tmp_pa
         assert (mnt / name).read_bytes() == payload
 
 
-def test_unlinked_open_files_never_reach_the_lower_layer(tmp_layers: TmpLayers, tmp_path: Path,
-                                                         mountpoint: Path) -> None:
+def test_unlinked_open_files_never_reach_the_lower_layer(
+    tmp_layers: TmpLayers, tmp_path: Path, mountpoint: Path
+) -> None:
     """fchmod/ftruncate through fds of files deleted while open: an upper file changes, a
     lower file opened read-only stays untouched (the writable() check verifies the lowers)."""
     layers = tmp_layers({"lower": "lower data"})
@@ -613,12 +659,13 @@ def _long_name_errors(mnt: Path, long: str) -> dict[str, int]:
         "removexattr": lambda: os.removexattr(mnt / long, "user.x"),
         "inside": lambda: os.lstat(mnt / long / "x"),
     }
-    errors = {}
+    errors: dict[str, int] = {}
     for name, operation in operations.items():
         try:
             operation()
             errors[name] = 0
         except OSError as error:
+            assert error.errno is not None
             errors[name] = error.errno
     return errors
 

@@ -135,11 +135,16 @@ def test_redirects(tmp_path: Path) -> None:
     os.setxattr(upper / "afile", f"{prefix}.redirect", b"/file")
     (upper / "bfile").write_text("")
     os.setxattr(upper / "bfile", f"{prefix}.redirect", b"/../file")
-    for name, value in [("meta-ok", b"/dir/file"), ("meta-lost", b"/gone"), ("file", None)]:
+    metacopies: list[tuple[str, bytes | None]] = [
+        ("meta-ok", b"/dir/file"),
+        ("meta-lost", b"/gone"),
+        ("file", None),
+    ]
+    for name, redirect in metacopies:
         (upper / name).write_text("")
         os.setxattr(upper / name, f"{prefix}.metacopy", b"")
-        if value is not None:
-            os.setxattr(upper / name, f"{prefix}.redirect", value)
+        if redirect is not None:
+            os.setxattr(upper / name, f"{prefix}.redirect", redirect)
     (upper / "meta-nodata").write_text("")
     os.setxattr(upper / "meta-nodata", f"{prefix}.metacopy", b"")
     report = check_upper(upper, workdir, [lower], repair=True)

@@ -240,7 +240,7 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int, bytes]]:
 
 
 def _storm(
-    root: Path, seconds: float, seed: int, errors: dict[int, int], lock: threading.Lock
+    root: Path, seconds: float, seed: int, errors: dict[str, int], lock: threading.Lock
 ) -> int:
     import errno as errnos
     import random
@@ -295,7 +295,7 @@ def _storm(
         except OSError as error:
             expected = error.errno in allowed and roll != 2.0
             if not expected and not (roll == 1.0 and error.errno == errnos.EPERM):
-                key = f"{errnos.errorcode.get(error.errno, error.errno)} at roll {roll:.2f}"
+                key = f"{errnos.errorcode.get(error.errno or 0, error.errno)} at roll {roll:.2f}"
                 with lock:
                     errors[key] = errors.get(key, 0) + 1
         count += 1

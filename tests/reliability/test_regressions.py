@@ -222,6 +222,7 @@ def test_concurrent_o_trunc_opens_keep_the_size_right(
         target.write_bytes(b"start")
         mismatches = []
         for round_number in range(60):
+
             def writer(seed: int) -> None:
                 rng = random.Random(seed)
                 for _ in range(3):
@@ -231,8 +232,9 @@ def test_concurrent_o_trunc_opens_keep_the_size_right(
                     finally:
                         os.close(fd)
 
-            threads = [threading.Thread(target=writer, args=(round_number * 2 + n,))
-                       for n in range(2)]
+            threads = [
+                threading.Thread(target=writer, args=(round_number * 2 + n,)) for n in range(2)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:

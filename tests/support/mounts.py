@@ -26,9 +26,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from unionfs.mountinfo import MountEntry, mount_table
 
 MOUNT_TIMEOUT = 30.0
 """Seconds a mount command may take before the test fails."""
@@ -42,52 +43,6 @@ watchdog_seconds = 270.0
 aborts the FUSE connection and kills the daemon, so that a test blocked in a syscall on the mount
 (which no signal but SIGKILL interrupts, so pytest-timeout cannot) fails instead of hanging.
 tests/conftest.py sets it a little below each test's pytest-timeout."""
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo."""
-
-    mountpoint: str
-    fstype: str
-    source: str
-    options: str
-    device: str = ""
-    """``MAJOR:MINOR`` of the mounted filesystem (for FUSE, MINOR names its connection)."""
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    out: list[str] = []
-    index = 0
-    while index < len(field):
-        if field[index] == "\\" and field[index + 1 : index + 4].isdigit():
-            out.append(chr(int(field[index + 1 : index + 4], 8)))
-            index += 4
-        else:
-            out.append(field[index])
-            index += 1
-    return "".join(out)
-
-
-def mount_table() -> list[MountEntry]:
-    """The mounts this process sees, in mount order."""
-    entries = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-        for line in table:
-            before, _, after = line.partition(" - ")
-            fields = before.split()
-            fstype, source, super_options = after.split(maxsplit=2)
-            entries.append(
-                MountEntry(
-                    mountpoint=_unescape(fields[4]),
-                    fstype=fstype,
-                    source=_unescape(source),
-                    options=fields[5] + "," + super_options.strip(),
-                    device=fields[2],
-                )
-            )
-    return entries
 
 
 def real_path(path: Path | str) -> str:

@@ -72,14 +72,22 @@ def test_squash_ignores_a_refused_chown(tmp_path: Path) -> None:
     """With squashing the owner shown cannot change: chown's EPERM is no error (fuse-overlayfs)."""
     target = tmp_path / "f"
     target.write_text("x")
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _chown_checks(target, dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _chown_checks(target: Path, dir_fd: int) -> None:
     ids = mapper("squash_to_uid=0")
     if os.geteuid() == 0:
-        ids.chown(str(target), 4321, -1)
+        ids.chown(dir_fd, b"f", 4321, -1)
         assert target.stat().st_uid == 4321
     else:
-        ids.chown(str(target), 0, -1)  # would be EPERM
+        ids.chown(dir_fd, b"f", 0, -1)  # would be EPERM
         assert target.stat().st_uid == os.geteuid()
     plain = mapper()
     if os.geteuid() != 0:
         with pytest.raises(PermissionError):
-            plain.chown(str(target), 0, -1)
+            plain.chown(dir_fd, b"f", 0, -1)

@@ -27,7 +27,10 @@ def config_of(*options: str) -> MountConfig:
 
 def test_split_honours_quotes() -> None:
     assert split_options('a,context="system_u:object_r:x:s0:c1,c2",b=1') == [
-        "a", "context=system_u:object_r:x:s0:c1,c2", "b=1"]
+        "a",
+        "context=system_u:object_r:x:s0:c1,c2",
+        "b=1",
+    ]
 
 
 def test_split_rejects_unbalanced_quote() -> None:
@@ -37,11 +40,23 @@ def test_split_rejects_unbalanced_quote() -> None:
 
 def test_id_mapping() -> None:
     assert parse_id_mapping("0:1000:1:1:100000:65536") == [
-        IdMapping(0, 1000, 1), IdMapping(1, 100000, 65536)]
+        IdMapping(0, 1000, 1),
+        IdMapping(1, 100000, 65536),
+    ]
     assert parse_id_mapping(":0:200000:65536") == [IdMapping(0, 200000, 65536)]  # podman 4.3
     assert parse_id_mapping("0:1:1::5:6:7:") == [IdMapping(0, 1, 1), IdMapping(5, 6, 7)]
-    for bad in ("0:1", "a:b:c", "0:1:2:3", "-1:0:1", "0:0:0", "", ":", "0:4294967295:2",
-                "1:2:+3", "1: 2:3"):
+    for bad in (
+        "0:1",
+        "a:b:c",
+        "0:1:2:3",
+        "-1:0:1",
+        "0:0:0",
+        "",
+        ":",
+        "0:4294967295:2",
+        "1:2:+3",
+        "1: 2:3",
+    ):
         with pytest.raises(OptionError):
             parse_id_mapping(bad)
 
@@ -54,11 +69,29 @@ def test_lowerdir_is_top_first() -> None:
 
 
 def test_fuse_overlayfs_vocabulary_is_accepted() -> None:
-    config = config_of("lowerdir=/l", "squash_to_root", "fsync=0", "noacl", "volatile",
-                       "redirect_dir=off", "timeout=5", "xattr_permissions=0", "context=x,y",
-                       "allow_other", "uidmapping=0:1000:1", "static_nlink", "noxattrs=1",
-                       "userxattr", "threaded=1", "fast_ino=1", "writeback=0", "plugins=",
-                       "xino=auto", "index=off", "debug")
+    config = config_of(
+        "lowerdir=/l",
+        "squash_to_root",
+        "fsync=0",
+        "noacl",
+        "volatile",
+        "redirect_dir=off",
+        "timeout=5",
+        "xattr_permissions=0",
+        "context=x,y",
+        "allow_other",
+        "uidmapping=0:1000:1",
+        "static_nlink",
+        "noxattrs=1",
+        "userxattr",
+        "threaded=1",
+        "fast_ino=1",
+        "writeback=0",
+        "plugins=",
+        "xino=auto",
+        "index=off",
+        "debug",
+    )
     assert config.warnings == []
     assert config.squash_to_root and config.squashing
     assert config.fsync is False and config.redirect_dir is False and config.timeout == 5.0
@@ -72,21 +105,61 @@ def test_fuse_overlayfs_vocabulary_is_accepted() -> None:
 
 
 def test_mount_flags_from_fstab_and_mount8_are_accepted() -> None:
-    config = config_of("relatime", "diratime", "nodiratime", "lazytime", "nonempty",
-                       "rootmode=40000", "blksize=4096", "strictatime", "norelatime",
-                       "defaults", "noauto", "user", "_netdev", "nofail", "x-systemd.automount",
-                       "comment=x", "nosuid", "nodev", "noexec", "noatime", "sync", "dirsync")
+    config = config_of(
+        "relatime",
+        "diratime",
+        "nodiratime",
+        "lazytime",
+        "nonempty",
+        "rootmode=40000",
+        "blksize=4096",
+        "strictatime",
+        "norelatime",
+        "defaults",
+        "noauto",
+        "user",
+        "_netdev",
+        "nofail",
+        "x-systemd.automount",
+        "comment=x",
+        "nosuid",
+        "nodev",
+        "noexec",
+        "noatime",
+        "sync",
+        "dirsync",
+    )
     assert config.warnings == [] and config.nonempty
     assert config.fuse_options == ["nosuid", "nodev", "noexec", "noatime", "sync", "dirsync"]
     assert len(config.notes) == 15  # each accepted without effect, the reason kept for --debug
 
 
-@pytest.mark.parametrize("option", ["max_read=65536", "blkdev", "remount", "bind", "fd=3",
-                                    "setuid=nobody", "private", "xattr_permissions=2",
-                                    "plugins=/x.so", "nfs_export=on", "verity=require",
-                                    "rootmode=100644", "datadir+=/d", "suid=1", "timeout=x",
-                                    "metacopy=maybe", "fsync=x", "uidmapping=1:2",
-                                    "squash_to_uid=-1", "lowerdir", "fsname=a b"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "max_read=65536",
+        "blkdev",
+        "remount",
+        "bind",
+        "fd=3",
+        "setuid=nobody",
+        "private",
+        "xattr_permissions=2",
+        "plugins=/x.so",
+        "nfs_export=on",
+        "verity=require",
+        "rootmode=100644",
+        "datadir+=/d",
+        "suid=1",
+        "timeout=x",
+        "metacopy=maybe",
+        "fsync=x",
+        "uidmapping=1:2",
+        "squash_to_uid=-1",
+        "lowerdir",
+        "fsname=a b",
+    ],
+)
 def test_refused_options_raise_before_mounting(option: str) -> None:
     with pytest.raises(OptionError) as refused:
         config_of(option)
@@ -117,28 +190,83 @@ def test_xino_off_warns_once_and_acl_is_the_default() -> None:
 def test_every_known_option_is_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme[readme.index("<!-- options:start -->") : readme.index("<!-- options:end -->")]
-    known = [*NO_EFFECT, *REFUSED, "lowerdir", "upperdir", "workdir", "uidmapping", "gidmapping",
-             "squash_to_root", "squash_to_uid", "squash_to_gid", "fsync", "volatile",
-             "reuse_volatile", "redirect_dir", "writeback", "metacopy", "index", "timeout",
-             "whiteout", "xino", "nfs_export", "verity", "xattr_permissions", "plugins",
-             "rootmode", "fsname", "noxattrs", "userxattr", "static_nlink", "nonempty", "acl",
-             "noacl", "debug", "allow_other", "allow_root", "auto_unmount", "ro", "rw", "suid",
-             "nosuid", "dev", "nodev", "exec", "noexec", "sync", "async", "atime", "noatime",
-             "dirsync", "quota", "size", "quota_inodes", "inodes", "watch"]
+    known = [
+        *NO_EFFECT,
+        *REFUSED,
+        "lowerdir",
+        "upperdir",
+        "workdir",
+        "uidmapping",
+        "gidmapping",
+        "squash_to_root",
+        "squash_to_uid",
+        "squash_to_gid",
+        "fsync",
+        "volatile",
+        "reuse_volatile",
+        "redirect_dir",
+        "writeback",
+        "metacopy",
+        "index",
+        "timeout",
+        "whiteout",
+        "xino",
+        "nfs_export",
+        "verity",
+        "xattr_permissions",
+        "plugins",
+        "rootmode",
+        "fsname",
+        "noxattrs",
+        "userxattr",
+        "static_nlink",
+        "nonempty",
+        "acl",
+        "noacl",
+        "debug",
+        "allow_other",
+        "allow_root",
+        "auto_unmount",
+        "ro",
+        "rw",
+        "suid",
+        "nosuid",
+        "dev",
+        "nodev",
+        "exec",
+        "noexec",
+        "sync",
+        "async",
+        "atime",
+        "noatime",
+        "dirsync",
+        "quota",
+        "size",
+        "quota_inodes",
+        "inodes",
+        "watch",
+    ]
     missing = [name for name in known if f"`{name}" not in table]
     assert missing == []
 
 
 def test_root_gets_allow_other_and_suid_like_fuse_overlayfs() -> None:
     assert fuse_mount_options(config_of("lowerdir=/l", "upperdir=/u"), root=True) == [
-        "default_permissions", "fsname=unionfs", "allow_other", "suid"]
+        "default_permissions",
+        "fsname=unionfs",
+        "allow_other",
+        "suid",
+    ]
     assert fuse_mount_options(config_of("lowerdir=/l", "upperdir=/u"), root=False) == [
-        "default_permissions", "fsname=unionfs"]
+        "default_permissions",
+        "fsname=unionfs",
+    ]
 
 
 def test_the_last_of_contradicting_options_wins() -> None:
-    root = fuse_mount_options(config_of("upperdir=/u", "nosuid", "dev", "nodev", "dev",
-                                        "allow_root"), root=True)
+    root = fuse_mount_options(
+        config_of("upperdir=/u", "nosuid", "dev", "nodev", "dev", "allow_root"), root=True
+    )
     assert "suid" not in root and "nosuid" in root and "dev" in root and "nodev" not in root
     assert "allow_root" in root and "allow_other" not in root
     assert "ro" in fuse_mount_options(config_of(), root=True)  # no upper: read-only

@@ -15,8 +15,9 @@ from unionfs.stack import Stack
 
 def make_stack(layer_dirs: list[Path]) -> Stack:
     """Layers base first, as on the command line; the Stack wants them top first."""
-    return Stack([Layer(str(path), index, writable=False)
-                  for index, path in enumerate(reversed(layer_dirs))])
+    return Stack(
+        [Layer(str(path), index, writable=False) for index, path in enumerate(reversed(layer_dirs))]
+    )
 
 
 def names(stack: Stack, *path: bytes) -> list[bytes]:
@@ -37,16 +38,22 @@ def test_top_layer_wins(tmp_layers: TmpLayers) -> None:
 
 @pytest.mark.root
 def test_overlay_whiteout_and_opaque(tmp_layers: TmpLayers) -> None:
-    stack = make_stack(tmp_layers({"gone": "x", "d/old": "1", "keep": "k"},
-                                  {"gone": WHITEOUT, "d": OPAQUE, "d/new": "2"}))
+    stack = make_stack(
+        tmp_layers(
+            {"gone": "x", "d/old": "1", "keep": "k"}, {"gone": WHITEOUT, "d": OPAQUE, "d/new": "2"}
+        )
+    )
     assert stack.resolve(stack.root_sources(), b"gone") is None
     assert names(stack) == [b"d", b"keep"]
     assert names(stack, b"d") == [b"new"]
 
 
 def test_oci_whiteout_and_opaque(tmp_layers: TmpLayers) -> None:
-    stack = make_stack(tmp_layers({"gone": "x", "d/old": "1"},
-                                  {".wh.gone": "", "d/.wh..wh..opq": "", "d/new": "2"}))
+    stack = make_stack(
+        tmp_layers(
+            {"gone": "x", "d/old": "1"}, {".wh.gone": "", "d/.wh..wh..opq": "", "d/new": "2"}
+        )
+    )
     assert stack.resolve(stack.root_sources(), b"gone") is None
     assert stack.resolve(stack.root_sources(), b".wh.gone") is None
     assert names(stack) == [b"d"]

@@ -32,8 +32,12 @@ def test_hidden_names_are_every_wh_prefix() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["trusted.overlay.opaque", "user.overlay.redirect", "user.fuseoverlayfs.opaque",
-     "trusted.overlay.origin"],
+    [
+        "trusted.overlay.opaque",
+        "user.overlay.redirect",
+        "user.fuseoverlayfs.opaque",
+        "trusted.overlay.origin",
+    ],
 )
 def test_private_xattrs(name: str) -> None:
     assert whiteout.is_private_xattr(name)
