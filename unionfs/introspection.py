@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Protocol
 
+from unionfs import compiled
 from unionfs.config import MountConfig
 from unionfs.copyup import CopyUp
 from unionfs.handles import HandleTable
@@ -52,6 +53,9 @@ def status_document(operations: Operations) -> dict[str, Any]:
         "whiteouts": mutations.whiteouts_made if mutations else 0,
         "nodes": len(operations.tree.inodes.nodes),
         "open_files": len(operations.handles.files),
+        # Which build of the hot modules this daemon runs (unionfs/compiled.py).
+        "build": compiled.build,
+        "modules": compiled.running(),
     }
 
 
