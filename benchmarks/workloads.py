@@ -230,13 +230,24 @@ def _walk_then_daemon(context: Context) -> list[float]:
     pid = context.mounted.pid
     if pid is None:
         raise WorkloadError("daemon PID not found")
-    rss_kib = 0
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
+    rss_kib = pss_kib = 0
+    # smaps_rollup's Rss and Pss: Pss splits shared pages (the interpreter, libraries) among
+    # the processes mapping them, what a daemon of many costs the machine.
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Rss:"):
                 rss_kib = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss_kib = int(line.split()[1])
     descriptors = len(os.listdir(f"/proc/{pid}/fd"))
-    return [rss_kib / 1024, float(descriptors)]
+    return [rss_kib / 1024, pss_kib / 1024, float(descriptors)]
+
+
+NULL_REQUESTS = 20000
+
+
+def _null_requests(context: Context) -> list[float]:
+    return [action(context, "null-requests", context.root, str(NULL_REQUESTS))]
 
 
 def _lookup(context: Context) -> list[float]:
@@ -500,12 +511,22 @@ def all_workloads(scale: Scale) -> list[Workload]:
         )
     workloads.append(
         Workload(
+            "null-requests",
+            f"{NULL_REQUESTS:,} GETXATTR of a missing xattr (a request's own cost)",
+            "empty",
+            _null_requests,
+            daemon_only=True,
+            group="daemon",
+        )
+    )
+    workloads.append(
+        Workload(
             "daemon",
             "daemon after walking the tree",
             tree,
             _walk_then_daemon,
-            rows=("daemon-rss", "daemon-fds"),
-            units=("MiB", "fds"),
+            rows=("daemon-rss", "daemon-pss", "daemon-fds"),
+            units=("MiB", "MiB", "fds"),
             daemon_only=True,
             group="daemon",
         )
@@ -515,6 +536,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
 
 ROW_TITLES_EXTRA = {
     "daemon-rss": "daemon RSS after walking the tree",
+    "daemon-pss": "daemon PSS after walking the tree",
     "daemon-fds": "daemon open fds after walking the tree",
     "lookup-growth": "lookup cost growth, 100 vs 2 layers (cold)",
 }
