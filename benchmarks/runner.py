@@ -343,7 +343,7 @@ class Runner:
         the requests of the timed step by opcode. Not timed (the debug output slows a daemon);
         CPU per request is the timed rounds' median daemon CPU over this count."""
         for workload in self.config.workloads:
-            if workload.missing_requirement() is not None:
+            if workload.own_daemons or workload.missing_requirement() is not None:
                 continue
             for name in COUNTED_SYSTEMS:
                 system = by_name.get(name)
@@ -429,7 +429,7 @@ class Runner:
                 workload.run(context)
                 time.sleep(0.2)
                 return count_opcodes(mounted.log, offset), None
-            cpu_before = daemon_cpu_seconds(mounted.pid)
+            cpu_before = None if workload.own_daemons else daemon_cpu_seconds(mounted.pid)
             values = workload.run(context)
             cpu_after = daemon_cpu_seconds(mounted.pid)
             if cpu_before is not None and cpu_after is not None:

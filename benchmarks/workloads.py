@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import podman
 from benchmarks.dataset import MIB, Dataset, Scale, lookup_counts
 from benchmarks.systems import REPO, Mounted
 
@@ -63,12 +64,21 @@ class Workload:
     rootless: bool = False
     group: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # Only these systems (empty: every system the other flags allow).
+    systems: tuple[str, ...] = ()
+    # The step starts daemons of its own (podman's mount_program): the mounted daemon's CPU and
+    # requests say nothing about it, so neither is measured.
+    own_daemons: bool = False
+    # Why the workload cannot run here (None: it can), asked once per run.
+    probe: Callable[[], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.rows:
             self.rows = (self.name,)
 
     def applies_to(self, system: str) -> bool:
+        if self.systems and system not in self.systems:
+            return False
         if self.daemon_only and system in ("native", "overlay", "overlay-rootless"):
             return False
         return not (system == "overlay-rootless" and not self.rootless)
@@ -80,7 +90,7 @@ class Workload:
                     return "needs root"
             elif shutil.which(requirement) is None:
                 return f"{requirement} not installed"
-        return None
+        return None if self.probe is None else self.probe()
 
 
 # ---------------------------------------------------------------- helpers
@@ -244,6 +254,15 @@ def _walk_then_daemon(context: Context) -> list[float]:
 
 
 NULL_REQUESTS = 20000
+
+
+def _podman_build(context: Context) -> list[float]:
+    try:
+        return [podman.build(context.mounted.system, context.timeout)]
+    except subprocess.TimeoutExpired as error:
+        raise WorkloadTimeout(f"podman build timed out after {error.timeout:.0f} s") from error
+    except (RuntimeError, subprocess.CalledProcessError) as error:
+        raise WorkloadError(str(error)) from error
 
 
 def _null_requests(context: Context) -> list[float]:
@@ -509,6 +528,18 @@ def all_workloads(scale: Scale) -> list[Workload]:
                 group="lookup",
             )
         )
+    workloads.append(
+        Workload(
+            "podman-build",
+            f"podman build adding {podman.FILES:,} files (mount_program)",
+            "empty",
+            _podman_build,
+            systems=("fuse-overlayfs", "unionfs"),
+            own_daemons=True,
+            probe=podman.missing,
+            group="container",
+        )
+    )
     workloads.append(
         Workload(
             "null-requests",
