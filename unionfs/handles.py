@@ -50,7 +50,7 @@ class HandleTable:
     def add_file(self, handle: FileHandle) -> int:
         number = next(self._numbers)
         self.files[number] = handle
-        handle.node.open_fds.add(handle.fd)
+        handle.node.open_fds = handle.node.open_fds | {handle.fd}
         return number
 
     def file(self, number: int) -> FileHandle:
@@ -60,16 +60,15 @@ class HandleTable:
             raise OSError(9, "bad file handle") from None
 
     def swap_fd(self, handle: FileHandle, fd: int, generation: int) -> None:
-        handle.node.open_fds.discard(handle.fd)
+        handle.node.open_fds = (handle.node.open_fds - {handle.fd}) | {fd}
         os.close(handle.fd)
         handle.fd = fd
         handle.generation = generation
-        handle.node.open_fds.add(fd)
 
     def release_file(self, number: int) -> FileHandle | None:
         handle = self.files.pop(number, None)
         if handle is not None:
-            handle.node.open_fds.discard(handle.fd)
+            handle.node.open_fds = handle.node.open_fds - {handle.fd}
             os.close(handle.fd)
         return handle
 
