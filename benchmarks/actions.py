@@ -7,6 +7,7 @@ its timeout). Keep imports to the standard library: this runs once per sample.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -28,6 +29,19 @@ def walk(root: str) -> float:
     for directory, subdirs, files in os.walk(root):
         for name in subdirs + files:
             os.lstat(os.path.join(directory, name))
+    return time.perf_counter() - started
+
+
+def null_requests(path: str, count: str) -> float:
+    """COUNT getxattr calls of an xattr PATH does not have: each is one GETXATTR request that
+    the daemon answers ENODATA without touching a layer (the cost of a request itself)."""
+    started = time.perf_counter()
+    for _ in range(int(count)):
+        try:
+            os.getxattr(path, "user.unionfs-bench.missing", follow_symlinks=False)
+        except OSError as error:
+            if error.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
     return time.perf_counter() - started
 
 
@@ -91,6 +105,7 @@ ACTIONS = {
     "stat-all": stat_all,
     "walk": walk,
     "read": read_file,
+    "null-requests": null_requests,
     "append-byte": append_byte,
     "check": check,
 }

@@ -34,7 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per command")
     parser.add_argument("--seed", type=int, default=dataset.SEED, help="data set seed")
-    parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    parser.add_argument(
+        "--no-readme",
+        action="store_true",
+        help="leave README.md alone (always so with --only: a partial run writes partial.*)",
+    )
+    parser.add_argument(
+        "--no-requests",
+        action="store_true",
+        help="skip counting requests by opcode (one debug-mounted sample per workload)",
+    )
     parser.add_argument(
         "--results-dir", type=Path, default=report.RESULTS_DIR, help="where results go"
     )
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=arguments.timeout,
         seed=arguments.seed,
         verbose=not arguments.quiet,
+        count_requests=not arguments.no_requests,
     )
     results = execute(config)
     titles = {**ROW_TITLES_EXTRA}
@@ -118,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             titles.setdefault(row, workload.title if len(workload.rows) == 1 else row)
             units[row] = workload.units[index]
     document = report.build(results, titles, units)
-    written = report.write_all(document, arguments.results_dir, readme=not arguments.no_readme)
+    written = report.write_all(
+        document,
+        arguments.results_dir,
+        readme=not arguments.no_readme,
+        partial=bool(arguments.only),
+    )
     print(report.ratio_summary(document))
     print("bench: wrote " + ", ".join(str(path) for path in written))
     return 0

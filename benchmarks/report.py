@@ -19,6 +19,7 @@ from typing import Any
 
 from benchmarks.runner import Results
 from benchmarks.stats import paired_ratio, paired_ratios, summarize
+from benchmarks.systems import DEFAULT_SYSTEMS
 from benchmarks.targets import TARGETS, judge
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -27,14 +28,7 @@ START_MARKER = "<!-- bench:start -->"
 END_MARKER = "<!-- bench:end -->"
 OURS = "unionfs"
 REFERENCES = ("overlay", "fuse-overlayfs", "overlay-rootless")
-SYSTEM_ORDER = (
-    "native",
-    "overlay",
-    "overlay-rootless",
-    "fuse-overlayfs",
-    "unionfs-fuse",
-    "unionfs",
-)
+SYSTEM_ORDER = DEFAULT_SYSTEMS  # the table's column order
 
 
 def _add_lookup_growth(samples: dict[str, dict[str, list[float | None]]]) -> None:
@@ -95,7 +89,7 @@ def build(results: Results, titles: dict[str, str], units: dict[str, str]) -> di
                 "verdict_detail": detail,
             }
         )
-    daemon_cpu = {}
+    daemon_cpu: dict[str, dict[str, Any]] = {}
     for workload, per_system in results.daemon_cpu.items():
         present = {
             system: values
@@ -117,10 +111,23 @@ def build(results: Results, titles: dict[str, str], units: dict[str, str]) -> di
                 else None
             ),
         }
+    requests: dict[str, Any] = {}
+    for workload, counted in results.requests.items():
+        entry: dict[str, Any] = {"by_opcode": counted, "total": {}, "cpu_per_request_us": {}}
+        for system, counts in counted.items():
+            total = sum(counts.values())
+            entry["total"][system] = total
+            medians_of: dict[str, Any] = daemon_cpu.get(workload, {}).get("median", {})
+            cpu = medians_of.get(system)
+            entry["cpu_per_request_us"][system] = (
+                None if cpu is None or total == 0 else round(cpu / total * 1e6, 2)
+            )
+        requests[workload] = entry
     return {
         "meta": results.meta,
         "systems": systems,
         "daemon_cpu": daemon_cpu,
+        "requests": requests,
         "unavailable": results.unavailable,
         "errors": results.errors,
         "rows": rows,
@@ -252,6 +259,44 @@ def daemon_cpu_table(document: dict[str, Any]) -> list[str]:
             cells.append("" if value is None else _format_value(value, "s"))
         cells.append(_format_ratio(entry.get("unionfs/fuse-overlayfs")))
         lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", *requests_table(document)]
+
+
+def _ratio_of(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def requests_table(document: dict[str, Any]) -> list[str]:
+    """Requests of each timed step by opcode (counted from libfuse's debug output in one extra
+    sample) and the daemon CPU per request (timed rounds' median CPU / that count)."""
+    requests = document.get("requests") or {}
+    if not requests:
+        return []
+    pair = ("fuse-overlayfs", OURS)
+    lines = [
+        "Requests the timed step sent each daemon (one extra sample mounted with libfuse's debug "
+        "output, not timed) and daemon CPU per request (median daemon CPU above / requests).",
+        "",
+        "| workload | requests fuse-overlayfs | requests unionfs | ratio | CPU/request "
+        "fuse-overlayfs | CPU/request unionfs | ratio | unionfs's top opcodes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for workload, entry in requests.items():
+        totals = [entry["total"].get(system) for system in pair]
+        per_request = [entry["cpu_per_request_us"].get(system) for system in pair]
+        ours = entry["by_opcode"].get(OURS) or {}
+        top = ", ".join(f"{op} {n}" for op, n in list(ours.items())[:3])
+        cells = [
+            workload,
+            *("" if value is None else str(value) for value in totals),
+            _format_ratio(_ratio_of(totals[1], totals[0])),
+            *("" if value is None else f"{value:.1f} us" for value in per_request),
+            _format_ratio(_ratio_of(per_request[1], per_request[0])),
+            top,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -320,28 +365,35 @@ def chart(document: dict[str, Any], path: Path) -> bool:
 
 
 def write_all(
-    document: dict[str, Any], results_dir: Path = RESULTS_DIR, readme: bool = True
+    document: dict[str, Any],
+    results_dir: Path = RESULTS_DIR,
+    readme: bool = True,
+    partial: bool = False,
 ) -> list[Path]:
-    """latest.json, a timestamped copy, latest.md, latest.png and the README section."""
+    """latest.json, a timestamped copy, latest.md, latest.png and the README section. A
+    ``partial`` run (``--only``) writes partial.json/.md/.png and a timestamped copy instead and
+    never the README: the full run's table and chart stay as they were."""
     results_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    latest = results_dir / "latest.json"
+    name = "partial" if partial else "latest"
+    latest = results_dir / f"{name}.json"
     temporary = latest.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
     os.replace(temporary, latest)
     written.append(latest)
     stamp = document["meta"].get("started") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    kind = "partial-run" if partial else "run"
     stamped = (
-        results_dir / f"run-{stamp.replace(':', '')}-{document['meta'].get('scale', 'x')}.json"
+        results_dir / f"{kind}-{stamp.replace(':', '')}-{document['meta'].get('scale', 'x')}.json"
     )
     shutil.copyfile(latest, stamped)
     written.append(stamped)
     table = markdown(document)
-    (results_dir / "latest.md").write_text(table)
-    written.append(results_dir / "latest.md")
-    if chart(document, results_dir / "latest.png"):
-        written.append(results_dir / "latest.png")
-    if readme and update_readme(document):
+    (results_dir / f"{name}.md").write_text(table)
+    written.append(results_dir / f"{name}.md")
+    if chart(document, results_dir / f"{name}.png"):
+        written.append(results_dir / f"{name}.png")
+    if readme and not partial and update_readme(document):
         written.append(README)
     return written
 

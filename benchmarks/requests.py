@@ -23,40 +23,16 @@ from pathlib import Path
 
 from benchmarks import dataset
 from benchmarks.runner import drop_caches, remove_scratch
-from benchmarks.systems import REPO, abort_fuse, is_mounted, unionfs_python
+from benchmarks.systems import ALL_SYSTEMS, REPO, FuseDaemon, abort_fuse, is_mounted
 
 OPCODE = re.compile(rb"opcode: (\w+)")
 
 
 def _command(system: str, stack: dataset.Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
-    if system == "fuse-overlayfs":
-        lower = ":".join(str(layer) for layer in reversed(stack.layers))
-        return [
-            "fuse-overlayfs",
-            "-d",
-            "-o",
-            f"lowerdir={lower},upperdir={upper},workdir={work}",
-            str(mnt),
-        ]
-    if system == "unionfs-fuse":
-        branches = ":".join([f"{upper}=RW", *(f"{layer}=RO" for layer in reversed(stack.layers))])
-        return ["unionfs-fuse", "-d", "-o", "cow", branches, str(mnt)]
-    if system == "unionfs":
-        return [
-            unionfs_python(),
-            "-m",
-            "unionfs",
-            "mount",
-            "-f",
-            "--debug",
-            "--upper",
-            str(upper),
-            "--workdir",
-            str(work),
-            *(str(layer) for layer in stack.layers),
-            str(mnt),
-        ]
-    raise SystemExit(f"requests: unknown FUSE system {system}")
+    daemon = ALL_SYSTEMS.get(system)
+    if not isinstance(daemon, FuseDaemon):
+        raise SystemExit(f"requests: unknown FUSE system {system}")
+    return daemon.command(stack, upper, work, mnt, True)
 
 
 def count(

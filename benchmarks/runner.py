@@ -10,14 +10,17 @@ mount fails is n/a for the whole run.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from benchmarks.dataset import CACHE_ROOT, Dataset, Scale
 from benchmarks.stats import rotate
 from benchmarks.systems import (
     REPO,
+    FuseDaemon,
     Mounted,
     MountError,
     System,
@@ -41,6 +45,19 @@ SCRATCH_ROOT = Path("/tmp/unionfs-bench")
 MOUNT_TIMEOUT = 60.0
 # Daemon logs of failed samples are kept here (gitignored) for the post-mortem.
 FAILED_LOGS = Path(__file__).resolve().parent / "results" / "tmp"
+# The daemons whose requests are counted (same libfuse, same debug line per request).
+COUNTED_SYSTEMS = ("fuse-overlayfs", "unionfs")
+OPCODE = re.compile(rb"opcode: (\w+)")
+
+
+def count_opcodes(log: Path, offset: int) -> dict[str, int]:
+    """Requests by opcode that libfuse's debug output logged after byte OFFSET of LOG."""
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        counts = collections.Counter(
+            match.group(1).decode() for match in OPCODE.finditer(handle.read())
+        )
+    return dict(counts.most_common())
 
 
 @dataclass
@@ -52,6 +69,9 @@ class RunConfig:
     timeout: float
     seed: int = dataset_module.SEED
     verbose: bool = True
+    # After the timed rounds, one more sample per workload on fuse-overlayfs and unionfs mounted
+    # with libfuse's debug output, to count the requests of the timed step by opcode.
+    count_requests: bool = True
 
 
 @dataclass
@@ -62,6 +82,8 @@ class Results:
     meta: dict[str, Any] = field(default_factory=dict)
     # CPU seconds the FUSE daemon (all its threads) used during each timed step.
     daemon_cpu: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
+    # Requests of the timed step by opcode (one debug-mounted sample): workload -> system -> ...
+    requests: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
 
 def daemon_cpu_seconds(pid: int | None) -> float | None:
@@ -312,7 +334,32 @@ class Runner:
                         f"[{round_index + 1}/{self.config.rounds}] {workload.name:<16} "
                         f"{name:<17} {shown}"
                     )
+        if self.config.count_requests:
+            self.count_requests(by_name)
         return self.results
+
+    def count_requests(self, by_name: dict[str, System]) -> None:
+        """One more sample of every workload on the counted daemons, mounted with debug output:
+        the requests of the timed step by opcode. Not timed (the debug output slows a daemon);
+        CPU per request is the timed rounds' median daemon CPU over this count."""
+        for workload in self.config.workloads:
+            if workload.own_daemons or workload.missing_requirement() is not None:
+                continue
+            for name in COUNTED_SYSTEMS:
+                system = by_name.get(name)
+                if not isinstance(system, FuseDaemon) or not workload.applies_to(name):
+                    continue
+                if (workload.name, name) in self.failed:
+                    continue
+                counts, error = self.sample(workload, system, -1, debug=True)
+                if counts is None:
+                    self.say(f"[requests] {workload.name:<16} {name:<17} FAILED: {error}")
+                    continue
+                self.results.requests.setdefault(workload.name, {})[name] = counts
+                top = ", ".join(f"{op} {n}" for op, n in list(counts.items())[:4])
+                self.say(
+                    f"[requests] {workload.name:<16} {name:<17} {sum(counts.values())} ({top})"
+                )
 
     def _record(
         self, workload: Workload, system: str, values: list[float] | None, error: str | None
@@ -337,10 +384,23 @@ class Runner:
         shutil.copyfile(log, kept)
         return f" (daemon log: {kept})"
 
+    @typing.overload
     def sample(
         self, workload: Workload, system: System, round_index: int
-    ) -> tuple[list[float] | None, str | None]:
-        base = self.scratch[workload.upperfs] / f"{workload.name}.{system.name}.{round_index}"
+    ) -> tuple[list[float] | None, str | None]: ...
+
+    @typing.overload
+    def sample(
+        self, workload: Workload, system: FuseDaemon, round_index: int, debug: typing.Literal[True]
+    ) -> tuple[dict[str, int] | None, str | None]: ...
+
+    def sample(
+        self, workload: Workload, system: System, round_index: int, debug: bool = False
+    ) -> tuple[list[float] | dict[str, int] | None, str | None]:
+        """One sample: mount, prepare, (drop caches), the timed step, verify, unmount. Its
+        values; with ``debug`` (a FuseDaemon) the timed step's requests by opcode instead."""
+        label = "requests" if debug else str(round_index)
+        base = self.scratch[workload.upperfs] / f"{workload.name}.{system.name}.{label}"
         upper, work, mountpoint = base / "upper", base / "work", base / "mnt"
         for path in (upper, work, mountpoint):
             path.mkdir(parents=True)
@@ -348,13 +408,28 @@ class Runner:
         self.cpu_sample = None
         try:
             stack = self.data.stack(workload.stack)
-            mounted = system.mount(stack, upper, work, mountpoint, workload.writable, MOUNT_TIMEOUT)
+            if debug:
+                assert isinstance(system, FuseDaemon)
+                mounted = system.debug_mount(
+                    stack, upper, work, mountpoint, base / "debug.log", MOUNT_TIMEOUT
+                )
+            else:
+                mounted = system.mount(
+                    stack, upper, work, mountpoint, workload.writable, MOUNT_TIMEOUT
+                )
             context = Context(self.data, mounted, self.config.timeout, base)
             if workload.prepare is not None:
                 workload.prepare(context)
             if workload.cold:
                 drop_caches()
-            cpu_before = daemon_cpu_seconds(mounted.pid)
+            if debug:
+                assert mounted.log is not None
+                time.sleep(0.2)  # what the kernel sends after prepare (forgets) lands first
+                offset = mounted.log.stat().st_size
+                workload.run(context)
+                time.sleep(0.2)
+                return count_opcodes(mounted.log, offset), None
+            cpu_before = None if workload.own_daemons else daemon_cpu_seconds(mounted.pid)
             values = workload.run(context)
             cpu_after = daemon_cpu_seconds(mounted.pid)
             if cpu_before is not None and cpu_after is not None:

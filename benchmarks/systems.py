@@ -146,6 +146,8 @@ class Mounted:
     pid: int | None = None
     log: Path | None = None
     notes: list[str] = field(default_factory=list)
+    # The daemon when this harness started it in the foreground (debug mounts): reaped here.
+    process: subprocess.Popen[bytes] | None = None
 
     def unmount(self) -> None:
         """Unmount; never raises. Afterwards nothing is mounted at the mountpoint."""
@@ -178,6 +180,9 @@ class Mounted:
             if _pid_alive(self.pid):
                 with contextlib.suppress(OSError):
                     os.kill(self.pid, signal.SIGKILL)
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
 
 
 class System:
@@ -291,28 +296,41 @@ class RootlessOverlay(KernelOverlay):
     extra_options = ("userxattr",)
 
 
-class FuseOverlayfs(System):
-    name = "fuse-overlayfs"
-    description = "fuse-overlayfs (Debian package)"
+def _tool_version(command: list[str], marker: str) -> str:
+    """The first line of COMMAND's output that contains MARKER ("" when none)."""
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=REPO)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    for line in (output.stdout + output.stderr).splitlines():
+        if marker in line:
+            return line.strip()
+    return ""
+
+
+class FuseDaemon(System):
+    """A FUSE daemon started by one command line: mounted in the background for timing, or in
+    the foreground with libfuse's debug output into a log for counting requests."""
+
+    program = ""
+    version_marker = ""
+    needs_dev_fuse = True
+
+    def command(
+        self, stack: Stack, upper: Path, work: Path, mountpoint: Path, debug: bool
+    ) -> list[str]:
+        """The mount command; with ``debug`` it stays in the foreground and logs requests."""
+        raise NotImplementedError
 
     def availability(self) -> str | None:
-        if shutil.which("fuse-overlayfs") is None:
-            return "fuse-overlayfs not installed"
-        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        if shutil.which(self.program) is None:
+            return f"{self.program} not installed"
+        if self.needs_dev_fuse and not os.access("/dev/fuse", os.R_OK | os.W_OK):
             return "/dev/fuse not usable"
         return None
 
     def version(self) -> str:
-        try:
-            output = subprocess.run(
-                ["fuse-overlayfs", "--version"], capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        for line in (output.stdout + output.stderr).splitlines():
-            if "fuse-overlayfs" in line:
-                return line.strip()
-        return ""
+        return _tool_version([self.program, "--version"], self.version_marker)
 
     def mount(
         self,
@@ -323,54 +341,74 @@ class FuseOverlayfs(System):
         writable: bool,
         timeout: float,
     ) -> Mounted:
+        result = _run(self.command(stack, upper, work, mountpoint, False), timeout, cwd=REPO)
+        if result.returncode != 0:
+            detail = (result.stderr.strip() or result.stdout.strip())[-300:]
+            if is_mounted(mountpoint):
+                Mounted(self.name, mountpoint, mountpoint, self.kind).unmount()
+            raise MountError(f"{self.name} mount exit {result.returncode}: {detail}")
+        try:
+            _wait_mounted(mountpoint, timeout)
+        except MountError:
+            raise MountError(f"{self.name} mount exited 0 but nothing is mounted") from None
+        return self._mounted(mountpoint, find_daemon(mountpoint))
+
+    def _mounted(self, mountpoint: Path, pid: int | None) -> Mounted:
+        return Mounted(self.name, mountpoint, mountpoint, self.kind, pid=pid)
+
+    def debug_mount(
+        self, stack: Stack, upper: Path, work: Path, mountpoint: Path, log: Path, timeout: float
+    ) -> Mounted:
+        """Mount in the foreground, libfuse's debug output (one line per request) into LOG."""
+        with open(log, "wb") as output:
+            daemon = subprocess.Popen(
+                self.command(stack, upper, work, mountpoint, True),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+            )
+        deadline = time.monotonic() + timeout
+        while not is_mounted(mountpoint):
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                daemon.kill()
+                daemon.wait()
+                raise MountError(f"{self.name} (debug) did not mount; see {log}")
+            time.sleep(0.01)
+        mounted = Mounted(self.name, mountpoint, mountpoint, self.kind, pid=daemon.pid, log=log)
+        mounted.process = daemon
+        return mounted
+
+
+class FuseOverlayfs(FuseDaemon):
+    name = "fuse-overlayfs"
+    description = "fuse-overlayfs (Debian package)"
+    program = "fuse-overlayfs"
+    version_marker = "fuse-overlayfs"
+
+    def command(
+        self, stack: Stack, upper: Path, work: Path, mountpoint: Path, debug: bool
+    ) -> list[str]:
         lower = ":".join(str(layer) for layer in reversed(stack.layers))
         options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-        result = _run(["fuse-overlayfs", "-o", options, str(mountpoint)], timeout)
-        if result.returncode != 0:
-            raise MountError(f"fuse-overlayfs: {result.stderr.strip()[-300:]}")
-        _wait_mounted(mountpoint, timeout)
-        return Mounted(self.name, mountpoint, mountpoint, self.kind, pid=find_daemon(mountpoint))
+        return ["fuse-overlayfs", *(["-d"] if debug else []), "-o", options, str(mountpoint)]
 
 
-class UnionfsFuse(System):
+class UnionfsFuse(FuseDaemon):
     name = "unionfs-fuse"
     description = "unionfs-fuse -o cow (Debian package)"
+    program = "unionfs-fuse"
+    version_marker = "unionfs-fuse version"
+    needs_dev_fuse = False
 
-    def availability(self) -> str | None:
-        if shutil.which("unionfs-fuse") is None:
-            return "unionfs-fuse not installed"
-        return None
-
-    def version(self) -> str:
-        try:
-            output = subprocess.run(
-                ["unionfs-fuse", "--version"], capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        for line in (output.stdout + output.stderr).splitlines():
-            if "unionfs-fuse version" in line:
-                return line.strip()
-        return ""
-
-    def mount(
-        self,
-        stack: Stack,
-        upper: Path,
-        work: Path,
-        mountpoint: Path,
-        writable: bool,
-        timeout: float,
-    ) -> Mounted:
+    def command(
+        self, stack: Stack, upper: Path, work: Path, mountpoint: Path, debug: bool
+    ) -> list[str]:
         branches = ":".join([f"{upper}=RW", *(f"{layer}=RO" for layer in reversed(stack.layers))])
-        result = _run(["unionfs-fuse", "-o", "cow", branches, str(mountpoint)], timeout)
-        if result.returncode != 0:
-            raise MountError(f"unionfs-fuse: {result.stderr.strip()[-300:]}")
-        _wait_mounted(mountpoint, timeout)
-        return Mounted(self.name, mountpoint, mountpoint, self.kind, pid=find_daemon(mountpoint))
+        return ["unionfs-fuse", *(["-d"] if debug else []), "-o", "cow", branches, str(mountpoint)]
 
 
-class Unionfs(System):
+class Unionfs(FuseDaemon):
     """This project: ``python -m unionfs mount --upper U --workdir W LAYER... MOUNTPOINT``."""
 
     name = "unionfs"
@@ -386,60 +424,34 @@ class Unionfs(System):
 
     def version(self) -> str:
         script = (
-            "import sys, pyfuse3, trio, unionfs; "
+            "import sys, pyfuse3, trio, unionfs; from unionfs import compiled; "
             "print('unionfs', getattr(unionfs, '__version__', '?'), '| python', "
-            "sys.version.split()[0], '| pyfuse3', pyfuse3.__version__, '| trio', trio.__version__)"
+            "sys.version.split()[0], '| pyfuse3', pyfuse3.__version__, '| trio', "
+            "trio.__version__, '| build', compiled.build)"
         )
-        try:
-            output = subprocess.run(
-                [unionfs_python(), "-c", script],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd=REPO,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return output.stdout.strip() or output.stderr.strip()[-200:]
+        return _tool_version([unionfs_python(), "-c", script], "unionfs")
 
-    def mount(
-        self,
-        stack: Stack,
-        upper: Path,
-        work: Path,
-        mountpoint: Path,
-        writable: bool,
-        timeout: float,
-    ) -> Mounted:
-        log = mountpoint.parent / "unionfs.log"
-        command = [
+    def command(
+        self, stack: Stack, upper: Path, work: Path, mountpoint: Path, debug: bool
+    ) -> list[str]:
+        return [
             unionfs_python(),
             "-m",
             "unionfs",
             "mount",
+            *(["-f", "--debug"] if debug else ["--log", str(mountpoint.parent / "unionfs.log")]),
             "--upper",
             str(upper),
             "--workdir",
             str(work),
-            "--log",
-            str(log),
             *self.extra_arguments,
             *(str(layer) for layer in stack.layers),
             str(mountpoint),
         ]
-        result = _run(command, timeout, cwd=REPO)
-        if result.returncode != 0:
-            detail = (result.stderr.strip() or result.stdout.strip())[-300:]
-            if is_mounted(mountpoint):
-                Mounted(self.name, mountpoint, mountpoint, self.kind).unmount()
-            raise MountError(f"unionfs mount exit {result.returncode}: {detail}")
-        try:
-            _wait_mounted(mountpoint, timeout)
-        except MountError:
-            raise MountError("unionfs mount exited 0 but nothing is mounted") from None
-        return Mounted(
-            self.name, mountpoint, mountpoint, self.kind, pid=find_daemon(mountpoint), log=log
-        )
+
+    def _mounted(self, mountpoint: Path, pid: int | None) -> Mounted:
+        log = mountpoint.parent / "unionfs.log"
+        return Mounted(self.name, mountpoint, mountpoint, self.kind, pid=pid, log=log)
 
 
 ALL_SYSTEMS: dict[str, System] = {

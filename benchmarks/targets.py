@@ -43,6 +43,7 @@ TARGETS: dict[str, Target] = {
     "seqread-reread": _WARM,
     "container-warm": _WARM,
     "container-cold": _COLD_START,
+    "podman-build": _COLD_START,  # issue 12: <= 1.2x fuse-overlayfs (wall)
     "seqread-fresh": _COLD_START,
     "seqwrite": _COLD_START,
     "seqwrite-ext4": _COLD_START,

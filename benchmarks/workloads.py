@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import podman
 from benchmarks.dataset import MIB, Dataset, Scale, lookup_counts
 from benchmarks.systems import REPO, Mounted
 
@@ -63,12 +64,21 @@ class Workload:
     rootless: bool = False
     group: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # Only these systems (empty: every system the other flags allow).
+    systems: tuple[str, ...] = ()
+    # The step starts daemons of its own (podman's mount_program): the mounted daemon's CPU and
+    # requests say nothing about it, so neither is measured.
+    own_daemons: bool = False
+    # Why the workload cannot run here (None: it can), asked once per run.
+    probe: Callable[[], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.rows:
             self.rows = (self.name,)
 
     def applies_to(self, system: str) -> bool:
+        if self.systems and system not in self.systems:
+            return False
         if self.daemon_only and system in ("native", "overlay", "overlay-rootless"):
             return False
         return not (system == "overlay-rootless" and not self.rootless)
@@ -80,7 +90,7 @@ class Workload:
                     return "needs root"
             elif shutil.which(requirement) is None:
                 return f"{requirement} not installed"
-        return None
+        return None if self.probe is None else self.probe()
 
 
 # ---------------------------------------------------------------- helpers
@@ -230,13 +240,33 @@ def _walk_then_daemon(context: Context) -> list[float]:
     pid = context.mounted.pid
     if pid is None:
         raise WorkloadError("daemon PID not found")
-    rss_kib = 0
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
+    rss_kib = pss_kib = 0
+    # smaps_rollup's Rss and Pss: Pss splits shared pages (the interpreter, libraries) among
+    # the processes mapping them, what a daemon of many costs the machine.
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Rss:"):
                 rss_kib = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss_kib = int(line.split()[1])
     descriptors = len(os.listdir(f"/proc/{pid}/fd"))
-    return [rss_kib / 1024, float(descriptors)]
+    return [rss_kib / 1024, pss_kib / 1024, float(descriptors)]
+
+
+NULL_REQUESTS = 20000
+
+
+def _podman_build(context: Context) -> list[float]:
+    try:
+        return [podman.build(context.mounted.system, context.timeout)]
+    except subprocess.TimeoutExpired as error:
+        raise WorkloadTimeout(f"podman build timed out after {error.timeout:.0f} s") from error
+    except (RuntimeError, subprocess.CalledProcessError) as error:
+        raise WorkloadError(str(error)) from error
+
+
+def _null_requests(context: Context) -> list[float]:
+    return [action(context, "null-requests", context.root, str(NULL_REQUESTS))]
 
 
 def _lookup(context: Context) -> list[float]:
@@ -500,12 +530,34 @@ def all_workloads(scale: Scale) -> list[Workload]:
         )
     workloads.append(
         Workload(
+            "podman-build",
+            f"podman build adding {podman.FILES:,} files (mount_program)",
+            "empty",
+            _podman_build,
+            systems=("fuse-overlayfs", "unionfs"),
+            own_daemons=True,
+            probe=podman.missing,
+            group="container",
+        )
+    )
+    workloads.append(
+        Workload(
+            "null-requests",
+            f"{NULL_REQUESTS:,} GETXATTR of a missing xattr (a request's own cost)",
+            "empty",
+            _null_requests,
+            daemon_only=True,
+            group="daemon",
+        )
+    )
+    workloads.append(
+        Workload(
             "daemon",
             "daemon after walking the tree",
             tree,
             _walk_then_daemon,
-            rows=("daemon-rss", "daemon-fds"),
-            units=("MiB", "fds"),
+            rows=("daemon-rss", "daemon-pss", "daemon-fds"),
+            units=("MiB", "MiB", "fds"),
             daemon_only=True,
             group="daemon",
         )
@@ -515,6 +567,7 @@ def all_workloads(scale: Scale) -> list[Workload]:
 
 ROW_TITLES_EXTRA = {
     "daemon-rss": "daemon RSS after walking the tree",
+    "daemon-pss": "daemon PSS after walking the tree",
     "daemon-fds": "daemon open fds after walking the tree",
     "lookup-growth": "lookup cost growth, 100 vs 2 layers (cold)",
 }

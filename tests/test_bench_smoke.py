@@ -66,3 +66,28 @@ def test_report_and_readme_section(tmp_path: Path) -> None:
     text = readme.read_text()
     assert report.START_MARKER in text and "## Other\nkeep\n" in text
     assert report.update_readme(document, readme) is False  # idempotent
+
+
+def test_a_partial_run_leaves_latest_and_the_readme_alone(tmp_path: Path) -> None:
+    results = Results(
+        samples={"null-requests": {"fuse-overlayfs": [1.0, 1.0], "unionfs": [1.5, 2.5]}},
+        daemon_cpu={"null-requests": {"fuse-overlayfs": [0.2, 0.2], "unionfs": [0.3, 0.5]}},
+        requests={
+            "null-requests": {
+                "fuse-overlayfs": {"GETXATTR": 20000, "GETATTR": 1},
+                "unionfs": {"GETXATTR": 20000},
+            }
+        },
+        meta={"scale": "small", "rounds": 2, "started": "2026-12-02T00:00:00Z"},
+    )
+    document = report.build(results, {"null-requests": "null"}, {"null-requests": "s"})
+    entry = document["requests"]["null-requests"]
+    assert entry["total"] == {"fuse-overlayfs": 20001, "unionfs": 20000}
+    assert entry["cpu_per_request_us"]["unionfs"] == 20.0  # median 0.4 s / 20,000
+    table = report.markdown(document)
+    assert "| null-requests | 20001 | 20000 | 1.00x |" in table
+    readme_before = report.README.read_bytes()
+    written = report.write_all(document, tmp_path, readme=True, partial=True)
+    assert report.README.read_bytes() == readme_before
+    assert {path.name for path in written} >= {"partial.json", "partial.md"}
+    assert not (tmp_path / "latest.json").exists() and not (tmp_path / "latest.md").exists()

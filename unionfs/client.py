@@ -18,7 +18,8 @@ any difference.
 Every other case runs the command line in this process, as without a server: other commands,
 ``-f``, ``UNIONFS_SERVER=0``, no private runtime directory, a server that cannot be started or
 reached (then silently). This module runs before every mount, so it
-imports nothing beyond what the interpreter has already loaded (plus ``_socket``).
+imports nothing beyond what the interpreter has already loaded (plus ``_socket``, and
+``unionfs.compiled``, which the package loads itself).
 
 Protocol on the unix socket: the client sends NUL-separated fields (see ``encode``) with its
 working directory and stdio as SCM_RIGHTS, then shuts down its write side. The child answers
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+from unionfs import compiled  # (loaded with the package already)
 
 try:
     import _socket
@@ -185,6 +188,10 @@ def code_identity() -> list[str]:
         ),
         "path=" + ":".join(import_path()),
         f"package={package}",
+        # Which build of the hot modules runs (unionfs/compiled.py): a server started pure (say
+        # with UNIONFS_COMPILE=0, or before scripts/setup compiled) never serves a compiled
+        # caller, nor the reverse.
+        f"build={compiled.build}:{compiled.directory}",
         f"encoding={sys.getfilesystemencoding()}:{sys.getfilesystemencodeerrors()}",
     ]
     try:

@@ -98,6 +98,7 @@ def status(mountpoint: str | None) -> int:
             f"  copy-ups {document['copy_ups']}, bytes copied {document['bytes_copied']}, "
             f"whiteouts {document['whiteouts']}, open files {document['open_files']}"
         )
+        print(f"  build:   {document.get('build', 'pure')} (unionfs/compiled.py)")
     return 0
 
 

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Protocol
 
+from unionfs import compiled
 from unionfs.config import MountConfig
 from unionfs.copyup import CopyUp
 from unionfs.handles import HandleTable
@@ -67,6 +68,9 @@ def status_document(operations: Operations) -> dict[str, Any]:
         "invalidations": operations.refresher.invalidations,
         "watched": len(operations.watcher.watched) if operations.watcher is not None else None,
         "watch_limited": operations.watcher.limited if operations.watcher is not None else False,
+        # Which build of the hot modules this daemon runs (unionfs/compiled.py).
+        "build": compiled.build,
+        "modules": compiled.running(),
     }
 
 

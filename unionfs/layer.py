@@ -19,9 +19,17 @@ from dataclasses import dataclass, field
 from unionfs import safeio, whiteout
 from unionfs.safeio import RelPath
 
-MAX_CACHED_FDS = 256
+# Budgets of a whole stack, shared out among its layers (Layer.share_budget): a 100-layer stack
+# holds no more open directory fds or cached objects than a 2-layer one. Each layer keeps at
+# least the MIN_ share (the directories a deep path walk needs stay open).
+MAX_CACHED_FDS = 512
 MAX_CACHED_LISTINGS = 4096
-MAX_CACHED_STATS = 65536  # lower layers only: their attributes never change
+# Lower layers only (their attributes never change); ~550 bytes each. The kernel caches
+# attributes itself, so this only saves the lstat of a repeated lookup: a few thousand suffice.
+MAX_CACHED_STATS = 8192
+MIN_CACHED_FDS = 64
+MIN_CACHED_LISTINGS = 64
+MIN_CACHED_STATS = 256
 
 
 @dataclass(slots=True)
@@ -56,6 +64,25 @@ class Layer:
         self._fds: OrderedDict[RelPath, int] = OrderedDict()
         self._listings: OrderedDict[RelPath, Listing] = OrderedDict()
         self._stats: OrderedDict[RelPath, os.stat_result] = OrderedDict()
+        self.max_fds = MAX_CACHED_FDS
+        self.max_listings = MAX_CACHED_LISTINGS
+        self.max_stats = MAX_CACHED_STATS
+
+    def share_budget(self, layer_count: int) -> None:
+        """Bound this layer's caches to its share of a stack of ``layer_count`` layers."""
+        count = max(1, layer_count)
+        self.max_fds = max(MIN_CACHED_FDS, MAX_CACHED_FDS // count)
+        self.max_listings = max(MIN_CACHED_LISTINGS, MAX_CACHED_LISTINGS // count)
+        self.max_stats = max(MIN_CACHED_STATS, MAX_CACHED_STATS // count)
+        for cache, bound in (
+            (self._fds, self.max_fds),
+            (self._listings, self.max_listings),
+            (self._stats, self.max_stats),
+        ):
+            while len(cache) > bound:
+                _, value = cache.popitem(last=False)
+                if isinstance(value, int):
+                    os.close(value)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -78,7 +105,7 @@ class Layer:
         else:  # lower layers are never changed, not even their atimes
             fd = safeio.open_lower_dir(parent_fd, path[-1])
         self._fds[path] = fd
-        if len(self._fds) > MAX_CACHED_FDS:
+        if len(self._fds) > self.max_fds:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
@@ -140,7 +167,7 @@ class Layer:
             return cached
         st = safeio.lstat(self.dir_fd(path[:-1]), path[-1])
         self._stats[path] = st
-        if len(self._stats) > MAX_CACHED_STATS:
+        if len(self._stats) > self.max_stats:
             self._stats.popitem(last=False)
         return st
 
@@ -195,7 +222,7 @@ class Layer:
             raise
         listing = self._read_listing(fd)
         self._listings[path] = listing
-        if len(self._listings) > MAX_CACHED_LISTINGS:
+        if len(self._listings) > self.max_listings:
             self._listings.popitem(last=False)
         return listing
 

@@ -27,7 +27,10 @@ from unionfs import safeio, whiteout
 log = logging.getLogger(__name__)
 
 _HEADER = 21  # version, magic, length, flags, handle type, 16-byte UUID
-_UUID = slice(5, 21)
+# The uuid's bytes in a stored origin: [_UUID_START:_UUID_STOP]. (Plain ints: the mypyc build
+# cannot index bytes with a slice object held in a variable.)
+_UUID_START = 5
+_UUID_STOP = 21
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _open_by_handle_at = _libc.open_by_handle_at
@@ -85,9 +88,9 @@ class Origins:
             return True
         unknown = bytes(16)
         return (
-            mine[: _UUID.start] == stored[: _UUID.start]
-            and mine[_UUID.stop :] == stored[_UUID.stop :]
-            and unknown in (mine[_UUID], stored[_UUID])
+            mine[:_UUID_START] == stored[:_UUID_START]
+            and mine[_UUID_STOP:] == stored[_UUID_STOP:]
+            and unknown in (mine[_UUID_START:_UUID_STOP], stored[_UUID_START:_UUID_STOP])
         )
 
     def stat_by_handle(self, stored: bytes, mount_fds: Sequence[int]) -> os.stat_result | None:
@@ -99,7 +102,7 @@ class Origins:
         length = min(stored[2], len(stored))
         handle = stored[_HEADER:length]
         handle_type = stored[4]
-        wanted_uuid = stored[_UUID]
+        wanted_uuid = stored[_UUID_START:_UUID_STOP]
         buffer = ctypes.create_string_buffer(8 + len(handle))
         ctypes.c_uint.from_buffer(buffer, 0).value = len(handle)
         ctypes.c_int.from_buffer(buffer, 4).value = handle_type

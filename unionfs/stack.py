@@ -104,6 +104,8 @@ class Stack:
         self.layers = list(layers)
         self.data_layers = list(data_layers)
         self.upper: Layer | None = layers[0] if layers and layers[0].writable else None
+        for layer in self.layers:
+            layer.share_budget(len(self.layers))
 
     def root_sources(self) -> list[Source]:
         """Every layer's root merges (an opaque marker on a layer root is ignored, as the

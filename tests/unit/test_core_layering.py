@@ -27,7 +27,7 @@ ORDER = [
     "mutations", "copyup", "tree", "index", "origin", "inodes", "stack", "layer", "workdir",
     "idmap", "config", "quota",
     # leaves: process title, the mount table, exit codes, raw syscalls, the on-disk format
-    "proctitle", "mountinfo", "exitcodes", "permissions", "safeio", "whiteout",
+    "proctitle", "mountinfo", "exitcodes", "permissions", "safeio", "whiteout", "compiled",
 ]  # fmt: skip
 # The OCI annex's own modules, highest first (the package re-exports store and export).
 OCI_ORDER = ["oci", "oci.store", "oci.export", "oci.extraction", "oci.sources",

@@ -88,6 +88,10 @@ ELSEWHERE: dict[str, tuple[frozenset[str], str]] = {
         frozenset({"os.getxattr", "os.walk", "os.lstat", "os.path.isdir"}),
         "paths through a live mount (introspection xattrs, unionfs status)",
     ),
+    "compiled": (
+        frozenset({"os.listdir", "open", "os.path.isdir", "os.path.exists"}),
+        "the package's own source files and the venv's compiled build (never a layer)",
+    ),
 }
 
 # Merged from the live and store branches after this rule was written; their raw calls are
