@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.systems import REPO, unionfs_python
+from unionfs import mountinfo
 
 DIRECTORIES = 30
 FILES_PER_DIRECTORY = 15  # per COPY step: 2 x 30 x 15 = 900 files
@@ -85,8 +86,7 @@ def _environment(store: Path, program: str) -> dict[str, str]:
 
 def _unmount_below(directory: Path) -> None:
     prefix = str(directory).rstrip("/") + "/"
-    with open("/proc/self/mountinfo") as mountinfo:
-        found = [line.split()[4] for line in mountinfo if line.split()[4].startswith(prefix)]
+    found = [mountpoint for mountpoint in mountinfo.mount_points() if mountpoint.startswith(prefix)]
     for mountpoint in sorted(found, key=len, reverse=True):
         subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
 

@@ -40,6 +40,7 @@ from benchmarks.systems import (
     unionfs_python,
 )
 from benchmarks.workloads import Context, Workload, WorkloadError, WorkloadTimeout, verify
+from unionfs import mountinfo
 
 SCRATCH_ROOT = Path("/tmp/unionfs-bench")
 MOUNT_TIMEOUT = 60.0
@@ -102,13 +103,11 @@ def daemon_cpu_seconds(pid: int | None) -> float | None:
 
 def _mounts_below(directory: Path) -> list[str]:
     prefix = str(directory).rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            mountpoint = line.split()[4]
-            if mountpoint == str(directory) or mountpoint.startswith(prefix):
-                found.append(mountpoint)
-    return found
+    return [
+        mountpoint
+        for mountpoint in mountinfo.mount_points()
+        if mountpoint == str(directory) or mountpoint.startswith(prefix)
+    ]
 
 
 def _force_unmount(mountpoint: str) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.dataset import Stack
+from unionfs import mountinfo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,13 +46,9 @@ def mount_entry(mountpoint: Path) -> tuple[str, str] | None:
     # abspath, not realpath: never stat anything at or below a mountpoint (it may hang).
     target = os.path.abspath(mountpoint)
     found = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if fields[4] != target:
-                continue
-            separator = fields.index("-")
-            found = (fields[separator + 1], fields[2])
+    for entry in mountinfo.mount_table():
+        if entry.mountpoint == target:
+            found = (entry.fstype, entry.device)  # the last one mounted there shows
     return found
 
 

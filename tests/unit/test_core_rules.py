@@ -269,3 +269,12 @@ def test_the_node_rule_catches_writes(tmp_path: Path) -> None:
         ("links", 3),
         ("open_fds", 4),
     ]
+
+
+def test_the_client_knows_every_command_the_cli_has() -> None:
+    """``unionfs.client`` keeps its own list of the commands it never hands to the mount server
+    (it must not import the heavy ``cli``): a command added to the CLI but not there would be
+    sent to the server as if it were a mount."""
+    from unionfs import cli, client
+
+    assert set(client.SUBCOMMANDS) == set(cli.SUBCOMMANDS) - {"mount"}
